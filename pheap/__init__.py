@@ -1,0 +1,51 @@
+"""pheap: a persistent, shared-memory heap in pure Python.
+
+A bins-plus-boundary-tag allocator whose whole state lives inside a memory mapping (a file, a
+memfd or an anonymous shared region) and refers to blocks by offset, so every process that maps
+the region sees the same heap, today and after a reopen tomorrow.
+
+>>> import pheap
+>>> h = pheap.anonymous(1 << 20)
+>>> a = h.malloc(24)
+>>> h.write(a, b"shared across fork")
+>>> h.read(a, 6)
+b'shared'
+>>> h.free(a)
+>>> h.check()
+"""
+
+from .allocator import BlockInfo, HeapStats
+from .errors import (
+    CorruptHeapError,
+    FormatError,
+    HeapClosedError,
+    HeapFullError,
+    InvalidPointerError,
+    InvalidSizeError,
+    LockTimeoutError,
+    PheapError,
+    ReadOnlyError,
+)
+from .heap import DEFAULT_SIZE, Heap, anonymous, memfd, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "Heap",
+    "open",
+    "anonymous",
+    "memfd",
+    "DEFAULT_SIZE",
+    "BlockInfo",
+    "HeapStats",
+    "PheapError",
+    "FormatError",
+    "CorruptHeapError",
+    "InvalidPointerError",
+    "InvalidSizeError",
+    "HeapFullError",
+    "LockTimeoutError",
+    "ReadOnlyError",
+    "HeapClosedError",
+]

@@ -1,0 +1,928 @@
+"""Two-level segregated-fit allocator with boundary tags, living entirely inside a mapping.
+
+The seeds' ladder to its top: a wilderness extended on demand (``brk``), free blocks in
+size-class bins found in O(1) through two levels of bitmaps (TLSF), boundary tags so that a freed
+block merges with both neighbours in O(1), splitting with a minimum block, and big free areas given
+back to the OS. Layout and flag bits: see :mod:`pheap.format`.
+
+All state is in the mapping and every reference is an offset, so any process that maps the region
+sees the same heap. The boundary tags (block headers and footers) are the truth; the bins and
+bitmaps are an index over them that :meth:`Allocator.rebuild_bins` can recreate with one walk.
+
+Costs: ``malloc``, ``free``, ``calloc`` (plus the memset), ``realloc`` in place, ``memalign`` and
+``usable_size`` are O(1) in the number of blocks; ``walk``, ``stats``, ``check`` and ``trim`` are
+O(blocks). Growth copies the allocation bitmap (capacity / 64 bytes) and is amortised by growing
+the capacity geometrically.
+
+Performance notes. ``malloc`` and ``free`` inline the bin arithmetic and link updates that the
+named helpers below spell out; a call costs about 60 ns in CPython and a pair of them was
+measured (tools/bench_alloc.py) to be the largest single cost after the word accesses themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final, NamedTuple
+
+from . import format as F
+from .errors import CorruptHeapError, HeapFullError, InvalidPointerError, InvalidSizeError
+from .format import (
+    C_FL_BITMAP,
+    C_HEADS,
+    C_SL_BITMAP,
+    FREE,
+    H_BRK,
+    H_CAPACITY,
+    H_GENERATION,
+    H_HOLE_FROM,
+    H_MAX_SIZE,
+    H_PEAK_BRK,
+    H_ZERO_FROM,
+    MIN_BLOCK,
+    PREV_FREE,
+    RELEASED,
+)
+from .region import Region
+
+# ---------------------------------------------------------------------------------------------
+# Tunables: safe to change, the format does not depend on them.
+# ---------------------------------------------------------------------------------------------
+
+RELEASE_THRESHOLD: Final = 128 * 1024  #: free areas this large give their pages back (glibc's 128 KiB)
+GROW_FACTOR_NUM: Final = 3  #: capacity grows to at least 3/2 of itself: amortised O(1) growth
+GROW_FACTOR_DEN: Final = 2  #: (denominator of the growth factor)
+GROW_GRANULE: Final = 64 * 1024  #: capacities are multiples of this many bytes
+BACKING_CHUNK: Final = 256 * 1024  #: when brk passes hole_from, back this much at once
+MAX_ALIGNMENT: Final = F.PAGE  #: memalign accepts powers of two up to the page size
+_ZEROS: Final = bytes(1 << 20)  #: source for memset-by-slice (1 MiB at a time)
+
+_NOT_FLAGS: Final = ~7  # inlined SIZE_MASK
+_SMALL: Final = F.SMALL_LIMIT  # inlined small-class limit
+_BLOCKS_OFF: Final = F.BLOCKS_OFF  # inlined first block offset
+_PAGE: Final = F.PAGE  # inlined page size
+
+
+class BlockInfo(NamedTuple):
+    """One block, as :meth:`Allocator.walk` reports it."""
+
+    offset: int  #: payload offset (what malloc returned); the header is 8 bytes before it
+    size: int  #: block size in bytes, header included
+    free: bool  #: whether the block is free
+
+    @property
+    def usable(self) -> int:
+        """Payload bytes of the block."""
+        return self.size - F.BLOCK_OVERHEAD
+
+
+class HeapStats(NamedTuple):
+    """Figures from :meth:`Allocator.stats` (one walk over the blocks)."""
+
+    capacity: int  #: bytes mapped (file size in use)
+    block_area: int  #: bytes between the first block and brk
+    wilderness: int  #: bytes between brk and the allocation bitmap (room before growing)
+    used_blocks: int  #: number of live blocks
+    used_bytes: int  #: bytes in live blocks, headers included
+    payload_bytes: int  #: usable bytes in live blocks
+    free_blocks: int  #: number of free blocks in the bins
+    free_bytes: int  #: bytes in free blocks (wilderness not included)
+    largest_free: int  #: largest free block (or the wilderness, if larger)
+    fragmentation: float  #: 1 - largest_free / (free_bytes + wilderness); 0 when nothing is free
+    peak_brk: int  #: high-water mark of brk, in bytes from the start of the mapping
+    generation: int  #: growth generation
+
+
+class Allocator:
+    """The allocator over one :class:`~pheap.region.Region`.
+
+    It has no lock of its own: callers (``Heap``) serialise access and call :meth:`sync` first so
+    the local mapping covers the capacity another process may have grown the heap to.
+    """
+
+    def __init__(self, region: Region) -> None:
+        self._r = region
+        self._w = region.w
+        self._cap = region.size
+        self._bmo = F.bitmap_off(region.size)
+        self._bmw = self._bmo >> 3
+        self._gen = self._w[H_GENERATION]
+
+    # -- mapping bookkeeping ---------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Refresh cached views after the region was remapped."""
+        r = self._r
+        self._w = r.w
+        self._cap = r.size
+        self._bmo = F.bitmap_off(r.size)
+        self._bmw = self._bmo >> 3
+
+    def sync(self) -> None:
+        """Remap if another process grew the heap since this process last looked. O(1)."""
+        w = self._w
+        if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
+            cap = w[H_CAPACITY]
+            fsize = self._r.file_size()
+            if cap > fsize:
+                raise CorruptHeapError(
+                    f"offset 128: capacity {cap} exceeds the file size {fsize} "
+                    "(the file was truncated by something other than pheap)")
+            self._r.remap(cap)
+            self._adopt()
+            self._gen = self._w[H_GENERATION]
+
+    # -- format initialisation ---------------------------------------------------------------
+
+    @staticmethod
+    def format_region(region: Region, max_size: int = 0) -> None:
+        """Write the mutable header fields of a new heap; the control block starts all zero."""
+        w = region.w
+        cap = region.size
+        w[H_CAPACITY] = cap
+        w[H_BRK] = F.BLOCKS_OFF
+        w[H_ZERO_FROM] = F.BLOCKS_OFF
+        w[H_HOLE_FROM] = F.bitmap_off(cap)
+        w[H_GENERATION] = 1
+        w[H_MAX_SIZE] = max_size
+        w[H_PEAK_BRK] = F.BLOCKS_OFF
+
+    # -- validation helpers ------------------------------------------------------------------
+
+    @staticmethod
+    def _check_size(n: object, what: str = "size") -> int:
+        if type(n) is not int:
+            if isinstance(n, bool) or not hasattr(n, "__index__"):
+                raise InvalidSizeError(f"{what} must be an int, not {type(n).__name__}")
+            n = n.__index__()  # type: ignore[attr-defined]
+        if n < 0:
+            raise InvalidSizeError(f"{what} must not be negative: {n}")
+        if n > F.MAX_BLOCK - F.BLOCK_OVERHEAD:
+            raise InvalidSizeError(f"{what} {n} exceeds the largest block the format allows "
+                                   f"({F.MAX_BLOCK - F.BLOCK_OVERHEAD} bytes)")
+        return n  # type: ignore[return-value]
+
+    def _bad_pointer(self, p: object) -> InvalidPointerError:
+        """Explain why ``p`` is not a live block (called only on the error path)."""
+        if type(p) is not int:
+            return InvalidPointerError(f"offset must be an int, not {type(p).__name__}")
+        brk = self._w[H_BRK]
+        if p == 0:
+            why = "is NULL"
+        elif p < _BLOCKS_OFF + 8 or p >= brk:
+            why = f"is outside the block area [{_BLOCKS_OFF + 8}, {brk})"
+        elif p & 7:
+            why = "is not 8-byte aligned"
+        else:
+            b = p - 8
+            hdr = self._w[b >> 3]
+            if hdr & FREE and self._looks_like_block(b, hdr):
+                why = "is a free block (double free?)"
+            else:
+                why = "is not the start of a live block (inside a block, or already freed)"
+        return InvalidPointerError(f"invalid offset {p}: {why}")
+
+    def _looks_like_block(self, b: int, hdr: int) -> bool:
+        """Whether the tags at ``b`` describe a free block (header and footer agree)."""
+        size = hdr & _NOT_FLAGS
+        end = b + size
+        return size >= MIN_BLOCK and end <= self._w[H_BRK] and self._w[(end >> 3) - 1] == size
+
+    def _live(self, p: object) -> int:
+        """Block offset of the live block whose payload is ``p``; InvalidPointerError otherwise."""
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
+            raise self._bad_pointer(p)
+        b = p - 8
+        if not (self._w[self._bmw + (b >> 9)] >> ((b >> 3) & 63)) & 1:
+            raise self._bad_pointer(p)
+        return b
+
+    # -- bins ----------------------------------------------------------------------------------
+
+    def _insert(self, b: int, size: int) -> None:
+        """Push free block ``b`` of ``size`` bytes on the head of its bin. O(1)."""
+        w = self._w
+        if size < _SMALL:
+            fl = 0
+            sl = size >> 3
+        else:
+            bl = size.bit_length() - 1
+            fl = bl - 7
+            sl = (size >> (bl - 5)) & 31
+        h = C_HEADS + (fl << 5) + sl
+        head = w[h]
+        bi = b >> 3
+        w[bi + 1] = head
+        w[bi + 2] = 0
+        if head:
+            w[(head >> 3) + 2] = b
+        else:
+            m = w[C_SL_BITMAP + fl]
+            if not m:
+                w[C_FL_BITMAP] |= 1 << fl
+            w[C_SL_BITMAP + fl] = m | (1 << sl)
+        w[h] = b
+
+    def _unlink(self, b: int, size: int) -> None:
+        """Remove free block ``b`` of ``size`` bytes from its bin. O(1)."""
+        w = self._w
+        bi = b >> 3
+        nxt = w[bi + 1]
+        prv = w[bi + 2]
+        if prv:
+            w[(prv >> 3) + 1] = nxt
+        else:
+            if size < _SMALL:
+                fl = 0
+                sl = size >> 3
+            else:
+                bl = size.bit_length() - 1
+                fl = bl - 7
+                sl = (size >> (bl - 5)) & 31
+            w[C_HEADS + (fl << 5) + sl] = nxt
+            if not nxt:
+                m = w[C_SL_BITMAP + fl] & ~(1 << sl)
+                w[C_SL_BITMAP + fl] = m
+                if not m:
+                    w[C_FL_BITMAP] &= ~(1 << fl)
+        if nxt:
+            w[(nxt >> 3) + 2] = prv
+
+    # -- malloc --------------------------------------------------------------------------------
+
+    def malloc(self, n: int) -> int:
+        """Allocate ``n`` bytes; return the payload offset (never 0). O(1).
+
+        ``malloc(0)`` returns a minimum block, like glibc. Raises HeapFullError when the heap
+        cannot grow, InvalidSizeError for negative or absurd sizes.
+        """
+        if type(n) is not int or n < 0 or n > 0xFFFFFFFFFFF0:
+            n = self._check_size(n)
+        s = (n + 15) & -8
+        if s < 32:
+            s = 32
+        w = self._w
+        # Search: round the size up to a class boundary so any block of the found bin fits.
+        if s < 256:
+            fl = 0
+            sl = s >> 3
+        else:
+            t = s + (1 << (s.bit_length() - 6)) - 1
+            bl = t.bit_length() - 1
+            fl = bl - 7
+            sl = (t >> (bl - 5)) & 31
+        m = w[C_SL_BITMAP + fl] & (-1 << sl)
+        if not m:
+            m = w[C_FL_BITMAP] & (-1 << (fl + 1))
+            if not m:
+                return self._from_wilderness(s)
+            fl = (m & -m).bit_length() - 1
+            m = w[C_SL_BITMAP + fl]
+        sl = (m & -m).bit_length() - 1
+        h = C_HEADS + (fl << 5) + sl
+        b = w[h]
+        bi = b >> 3
+        hdr = w[bi]
+        if hdr & RELEASED:  # pages of this block went back to the OS: back them first
+            self._r.ensure_backed(b, s + MIN_BLOCK)
+        bsize = hdr & -8
+        # Unlink the head of the bin (inlined _unlink for a head block).
+        nxt = w[bi + 1]
+        w[h] = nxt
+        if nxt:
+            w[(nxt >> 3) + 2] = 0
+        else:
+            m = w[C_SL_BITMAP + fl] & ~(1 << sl)
+            w[C_SL_BITMAP + fl] = m
+            if not m:
+                w[C_FL_BITMAP] &= ~(1 << fl)
+        rem = bsize - s
+        if rem >= 32:
+            # Split: [b: used s][r: free rem]. The block after r already has PREV_FREE set.
+            w[bi] = s
+            r = b + s
+            ri = r >> 3
+            w[ri] = rem | FREE | (hdr & RELEASED)
+            w[ri + (rem >> 3) - 1] = rem
+            # Inlined _insert(r, rem): worth ~0.1 us a split (tools/bench_alloc.py churn).
+            if rem < 256:
+                fl = 0
+                sl = rem >> 3
+            else:
+                bl = rem.bit_length() - 1
+                fl = bl - 7
+                sl = (rem >> (bl - 5)) & 31
+            h = C_HEADS + (fl << 5) + sl
+            head = w[h]
+            w[ri + 1] = head
+            w[ri + 2] = 0
+            if head:
+                w[(head >> 3) + 2] = r
+            else:
+                m = w[C_SL_BITMAP + fl]
+                if not m:
+                    w[C_FL_BITMAP] |= 1 << fl
+                w[C_SL_BITMAP + fl] = m | (1 << sl)
+            w[h] = r
+        else:
+            w[bi] = bsize
+            nb = (b + bsize) >> 3  # a free block never touches brk, so this is a used block
+            w[nb] &= ~PREV_FREE
+        w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
+        return b + 8
+
+    def _from_wilderness(self, s: int) -> int:
+        """Carve a block of ``s`` bytes at brk, growing the mapping if needed. O(1) amortised."""
+        w = self._w
+        b = w[H_BRK]
+        end = b + s
+        if end > self._bmo:
+            self._grow(end)
+            w = self._w
+        if end > w[H_HOLE_FROM]:
+            self._back_wilderness(end)
+        w[b >> 3] = s  # the block below brk is never free, so no PREV_FREE
+        w[H_BRK] = end
+        if end > w[H_ZERO_FROM]:
+            w[H_ZERO_FROM] = end
+            if end > w[H_PEAK_BRK]:  # peak_brk >= zero_from always, see trim()
+                w[H_PEAK_BRK] = end
+        bi = b >> 3
+        w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
+        return b + 8
+
+    def _back_wilderness(self, end: int) -> None:
+        """Give [hole_from, end) disk blocks again (it may have been released). Raises on ENOSPC."""
+        w = self._w
+        start = w[H_HOLE_FROM]
+        stop = min(F.round_up(end + BACKING_CHUNK, F.PAGE), self._bmo)
+        self._r.ensure_backed(start, stop - start)
+        w[H_HOLE_FROM] = stop
+
+    def _grow(self, need_end: int) -> None:
+        """Extend capacity so the block area reaches ``need_end``. Raises HeapFullError."""
+        w = self._w
+        r = self._r
+        cap = self._cap
+        max_size = w[H_MAX_SIZE]
+        new_cap = F.round_up(max(cap * GROW_FACTOR_NUM // GROW_FACTOR_DEN,
+                                 need_end + need_end // 64 + 2 * F.PAGE), GROW_GRANULE)
+        while F.bitmap_off(new_cap) < need_end:
+            new_cap += GROW_GRANULE
+        if max_size and new_cap > max_size:
+            new_cap = max_size & ~(F.PAGE - 1)
+            if F.bitmap_off(new_cap) < need_end:
+                raise HeapFullError(
+                    f"heap needs {need_end + F.bitmap_bytes(need_end)} bytes of capacity; "
+                    f"max_size is {max_size}")
+        if not r.growable:
+            raise HeapFullError(
+                f"{r.kind} heap is full: {need_end - w[H_BRK]} more bytes needed at brk "
+                f"{w[H_BRK]}, capacity {cap} is fixed")
+        # Crash window: extend() only lengthens the file; until capacity is written below nothing
+        # refers to the new bytes, so a crash here leaves a longer file and an unchanged heap.
+        r.extend(new_cap)
+        r.remap(new_cap)
+        self._adopt()
+        w = self._w
+        old_bmo = F.bitmap_off(cap)
+        r.mm.move(self._bmo, old_bmo, cap - old_bmo)
+        # Crash window: capacity is the commit point. Before it the heap is the old one (the new
+        # bitmap copy is unused); after it the old bitmap bytes, now in the wilderness, are zeroed
+        # so zero_from stays true. A crash between leaves them non-zero (the journal closes this).
+        w[H_CAPACITY] = new_cap
+        self._memset0(old_bmo, cap)
+        w[H_GENERATION] += 1
+        self._gen = w[H_GENERATION]
+
+    # -- free ----------------------------------------------------------------------------------
+
+    def free(self, p: int) -> None:
+        """Free the block at payload offset ``p``, merging it with free neighbours. O(1).
+
+        ``free(0)`` does nothing, like C. Any other offset that is not a live block raises
+        InvalidPointerError and changes nothing.
+        """
+        if p == 0 and type(p) is int:
+            return
+        w = self._w
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= w[H_BRK]:
+            raise self._bad_pointer(p)
+        b = p - 8
+        bi = b >> 3
+        k = self._bmw + (bi >> 6)
+        bit = 1 << (bi & 63)
+        x = w[k]
+        if not x & bit:
+            raise self._bad_pointer(p)
+        w[k] = x ^ bit
+        # Inlined _free_block(b) with _insert: worth ~0.3 us a pair (tools/bench_alloc.py churn).
+        hdr = w[bi]
+        size = hdr & -8
+        nb = b + size
+        brk = w[H_BRK]
+        if size < 32 or nb > brk or size >= _PAGE:
+            return self._free_block(b)  # a corrupt header, or a block that may release pages
+        released = 0
+        if hdr & PREV_FREE:
+            psize = w[bi - 1]
+            b -= psize
+            bi = b >> 3
+            released = w[bi] & RELEASED
+            # Inlined _unlink(b, psize).
+            nxt = w[bi + 1]
+            prv = w[bi + 2]
+            if prv:
+                w[(prv >> 3) + 1] = nxt
+            else:
+                if psize < 256:
+                    fl = 0
+                    sl = psize >> 3
+                else:
+                    bl = psize.bit_length() - 1
+                    fl = bl - 7
+                    sl = (psize >> (bl - 5)) & 31
+                w[C_HEADS + (fl << 5) + sl] = nxt
+                if not nxt:
+                    m = w[C_SL_BITMAP + fl] & ~(1 << sl)
+                    w[C_SL_BITMAP + fl] = m
+                    if not m:
+                        w[C_FL_BITMAP] &= ~(1 << fl)
+            if nxt:
+                w[(nxt >> 3) + 2] = prv
+            size += psize
+        if nb == brk:
+            w[H_BRK] = b
+            if w[H_ZERO_FROM] - b >= RELEASE_THRESHOLD:
+                self._release_wilderness(b)
+            return None
+        ni = nb >> 3
+        nhdr = w[ni]
+        if nhdr & FREE:
+            nsize = nhdr & -8
+            released |= nhdr & RELEASED
+            # Inlined _unlink(nb, nsize).
+            nxt = w[ni + 1]
+            prv = w[ni + 2]
+            if prv:
+                w[(prv >> 3) + 1] = nxt
+            else:
+                if nsize < 256:
+                    fl = 0
+                    sl = nsize >> 3
+                else:
+                    bl = nsize.bit_length() - 1
+                    fl = bl - 7
+                    sl = (nsize >> (bl - 5)) & 31
+                w[C_HEADS + (fl << 5) + sl] = nxt
+                if not nxt:
+                    m = w[C_SL_BITMAP + fl] & ~(1 << sl)
+                    w[C_SL_BITMAP + fl] = m
+                    if not m:
+                        w[C_FL_BITMAP] &= ~(1 << fl)
+            if nxt:
+                w[(nxt >> 3) + 2] = prv
+            size += nsize
+        else:
+            w[ni] = nhdr | PREV_FREE
+        w[bi] = size | FREE | released
+        w[bi + (size >> 3) - 1] = size
+        if size < 256:
+            fl = 0
+            sl = size >> 3
+        else:
+            bl = size.bit_length() - 1
+            fl = bl - 7
+            sl = (size >> (bl - 5)) & 31
+        h = C_HEADS + (fl << 5) + sl
+        head = w[h]
+        w[bi + 1] = head
+        w[bi + 2] = 0
+        if head:
+            w[(head >> 3) + 2] = b
+        else:
+            m = w[C_SL_BITMAP + fl]
+            if not m:
+                w[C_FL_BITMAP] |= 1 << fl
+            w[C_SL_BITMAP + fl] = m | (1 << sl)
+        w[h] = b
+        return None
+
+    def _free_block(self, b: int) -> None:
+        """Turn used block ``b`` (alloc bit already clear) into free space, coalescing. O(1)."""
+        w = self._w
+        bi = b >> 3
+        hdr = w[bi]
+        size = hdr & -8
+        nb = b + size
+        brk = w[H_BRK]
+        if size < 32 or nb > brk:
+            raise CorruptHeapError(f"offset {b}: block header {hdr:#x} gives size {size} "
+                                   f"reaching past brk {brk}")
+        freed_start, freed_end = b, nb
+        released = 0
+        if hdr & PREV_FREE:
+            psize = w[bi - 1]
+            pb = b - psize
+            released = w[pb >> 3] & RELEASED
+            self._unlink(pb, psize)
+            b = pb
+            size += psize
+        if nb == brk:
+            # The block touches the wilderness: give it back by lowering brk.
+            w[H_BRK] = b
+            if w[H_ZERO_FROM] - b >= RELEASE_THRESHOLD:
+                self._release_wilderness(b)
+            return
+        nhdr = w[nb >> 3]
+        if nhdr & FREE:
+            nsize = nhdr & -8
+            released |= nhdr & RELEASED
+            self._unlink(nb, nsize)
+            size += nsize
+        else:
+            w[nb >> 3] = nhdr | PREV_FREE
+        if size >= RELEASE_THRESHOLD and freed_end - freed_start >= F.PAGE:
+            # Crash window: the released pages are inside the free block; losing them is harmless.
+            if self._r.release(max(freed_start, b + MIN_BLOCK), min(freed_end, b + size - 8)
+                               - max(freed_start, b + MIN_BLOCK)):
+                released = RELEASED
+        w[b >> 3] = size | FREE | released
+        w[(b + size >> 3) - 1] = size
+        self._insert(b, size)
+
+    def _release_wilderness(self, brk: int) -> int:
+        """Give back the pages between brk and zero_from; they read as zero afterwards."""
+        w = self._w
+        start = F.round_up(brk, F.PAGE)
+        end = w[H_ZERO_FROM]
+        if end <= start or not self._r.release(start, end - start):
+            return 0
+        w[H_ZERO_FROM] = start
+        if w[H_HOLE_FROM] > start:
+            w[H_HOLE_FROM] = start
+        return end - start
+
+    # -- calloc, realloc, memalign, usable_size -------------------------------------------------
+
+    def calloc(self, count: int, size: int) -> int:
+        """Allocate ``count * size`` zeroed bytes. O(1) plus the memset.
+
+        The memset skips the part of the block at or above ``zero_from``: bytes there were never
+        written since the file was extended (``posix_fallocate``/``ftruncate`` give zeros) or since
+        their pages were released with ``MADV_REMOVE`` (a hole reads as zeros).
+        """
+        count = self._check_size(count, "count")
+        size = self._check_size(size, "size")
+        total = count * size
+        if total > F.MAX_BLOCK - F.BLOCK_OVERHEAD:
+            raise InvalidSizeError(f"calloc({count}, {size}) = {total} bytes exceeds the largest "
+                                   "block the format allows")
+        zero_from = self._w[H_ZERO_FROM]
+        p = self.malloc(total)
+        end = p + total
+        if p < zero_from:
+            self._memset0(p, min(end, zero_from))
+        return p
+
+    def _memset0(self, start: int, end: int) -> None:
+        mm = self._r.mm
+        while start < end:
+            k = min(end - start, len(_ZEROS))
+            mm[start:start + k] = _ZEROS[:k] if k < len(_ZEROS) else _ZEROS
+            start += k
+
+    def usable_size(self, p: int) -> int:
+        """Payload bytes of the live block at ``p`` (at least what was asked for). O(1)."""
+        b = self._live(p)
+        return (self._w[b >> 3] & -8) - 8
+
+    def realloc(self, p: int, n: int) -> int:
+        """Resize the block at ``p`` to ``n`` bytes, keeping its contents; return the new offset.
+
+        Shrinks in place; grows in place into a free next block or the wilderness when it can,
+        otherwise moves (malloc, copy, free). ``realloc(0, n)`` is ``malloc(n)``. O(1) plus the
+        copy when it moves. On HeapFullError the old block is untouched.
+        """
+        if p == 0 and type(p) is int:
+            return self.malloc(n)
+        n = self._check_size(n)
+        b = self._live(p)
+        s = F.request_to_block(n)
+        w = self._w
+        bi = b >> 3
+        hdr = w[bi]
+        size = hdr & -8
+        if s <= size:
+            if size - s >= MIN_BLOCK:
+                self._split_tail(b, hdr, s)
+            return p
+        nb = b + size
+        brk = w[H_BRK]
+        if nb == brk:  # grow into the wilderness
+            end = b + s
+            if end > self._bmo:
+                self._grow(end)
+                w = self._w
+            if end > w[H_HOLE_FROM]:
+                self._back_wilderness(end)
+            w[bi] = s | (hdr & PREV_FREE)
+            w[H_BRK] = end
+            if end > w[H_ZERO_FROM]:
+                w[H_ZERO_FROM] = end
+                if end > w[H_PEAK_BRK]:
+                    w[H_PEAK_BRK] = end
+            return p
+        nhdr = w[nb >> 3]
+        if nhdr & FREE:
+            nsize = nhdr & -8
+            total = size + nsize
+            if total >= s:  # grow into the free next block
+                if nhdr & RELEASED:
+                    self._r.ensure_backed(nb, min(b + s + MIN_BLOCK, nb + nsize) - nb)
+                self._unlink(nb, nsize)
+                rem = total - s
+                if rem >= MIN_BLOCK:
+                    w[bi] = s | (hdr & PREV_FREE)
+                    r = b + s
+                    w[r >> 3] = rem | FREE | (nhdr & RELEASED)
+                    w[(r + rem >> 3) - 1] = rem
+                    self._insert(r, rem)
+                else:
+                    w[bi] = total | (hdr & PREV_FREE)
+                    w[(b + total) >> 3] &= ~PREV_FREE
+                return p
+        q = self.malloc(n)  # may grow and remap
+        self._r.mm.move(q, p, size - 8)
+        self.free(p)
+        return q
+
+    def _split_tail(self, b: int, hdr: int, s: int) -> None:
+        """Shrink used block ``b`` to ``s`` bytes and free the tail (which then coalesces)."""
+        w = self._w
+        size = hdr & -8
+        w[b >> 3] = s | (hdr & PREV_FREE)
+        r = b + s
+        w[r >> 3] = size - s  # a used-looking block whose previous block (b) is used
+        self._free_block(r)
+
+    def memalign(self, alignment: int, n: int) -> int:
+        """Allocate ``n`` bytes at an offset that is a multiple of ``alignment``. O(1).
+
+        ``alignment`` is a power of two up to the page size (4096). Offsets are relative to the
+        start of the mapping, which the OS maps page-aligned, so the address is aligned too.
+        """
+        alignment = self._check_size(alignment, "alignment")
+        if alignment & (alignment - 1) or not alignment or alignment > MAX_ALIGNMENT:
+            raise InvalidSizeError(f"alignment must be a power of two from 1 to "
+                                   f"{MAX_ALIGNMENT}: {alignment}")
+        n = self._check_size(n)
+        if alignment <= F.ALIGN:
+            return self.malloc(n)
+        s = F.request_to_block(n)
+        p = self.malloc(s + alignment + MIN_BLOCK)  # the gap is at most MIN_BLOCK + alignment - 8
+        w = self._w
+        b = p - 8
+        q = (p + alignment - 1) & -alignment
+        while q != p and q - p < MIN_BLOCK:
+            q += alignment
+        if q != p:
+            gap = q - p
+            hdr = w[b >> 3]
+            nb = b + gap
+            w[nb >> 3] = (hdr & -8) - gap  # the aligned block; PREV_FREE set when b is freed
+            bi, ni = b >> 3, nb >> 3
+            w[self._bmw + (bi >> 6)] &= ~(1 << (bi & 63))
+            w[self._bmw + (ni >> 6)] |= 1 << (ni & 63)
+            w[bi] = gap | (hdr & PREV_FREE)
+            self._free_block(b)
+            b = nb
+        hdr = w[b >> 3]
+        if (hdr & -8) - s >= MIN_BLOCK:
+            self._split_tail(b, hdr, s)
+        return b + 8
+
+    # -- whole-heap operations ---------------------------------------------------------------
+
+    def trim(self) -> int:
+        """Give back to the OS the pages of the wilderness and of every large free block.
+
+        Returns the bytes given back. The file keeps its length (other processes may map it;
+        shrinking it under them would SIGBUS them), but its disk blocks are released, which
+        ``os.stat().st_blocks`` shows. O(free blocks).
+        """
+        w = self._w
+        brk = w[H_BRK]
+        total = 0
+        start = F.round_up(brk, F.PAGE)
+        if start < self._bmo and self._r.release(start, self._bmo - start):
+            total += self._bmo - start
+            if w[H_ZERO_FROM] > start:
+                w[H_ZERO_FROM] = start
+            if w[H_HOLE_FROM] > start:
+                w[H_HOLE_FROM] = start
+        for b, size in self._free_list_blocks(2 * F.PAGE):
+            if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
+                w[b >> 3] |= RELEASED
+                total += size - MIN_BLOCK - 8
+        return total
+
+    def _free_list_blocks(self, min_size: int) -> list[tuple[int, int]]:
+        """Free blocks of at least ``min_size`` bytes, read from the bins (bounded walk)."""
+        w = self._w
+        out = []
+        limit = (self._w[H_BRK] - _BLOCKS_OFF) // MIN_BLOCK + 1
+        fl0 = F.size_class(min_size)[0]
+        for fl in range(fl0, F.FL_COUNT):
+            for sl in range(F.SL_COUNT):
+                b = w[C_HEADS + (fl << 5) + sl]
+                steps = 0
+                while b:
+                    size = w[b >> 3] & -8
+                    if size >= min_size:
+                        out.append((b, size))
+                    b = w[(b >> 3) + 1]
+                    steps += 1
+                    if steps > limit:
+                        raise CorruptHeapError(f"bin ({fl}, {sl}): cycle in the free list")
+        return out
+
+    def walk(self) -> Iterator[BlockInfo]:
+        """Yield every block from the first to brk, in address order. O(blocks).
+
+        Bounded: a header that would loop or run past brk raises CorruptHeapError.
+        """
+        w = self._w
+        b = _BLOCKS_OFF
+        brk = w[H_BRK]
+        while b < brk:
+            hdr = w[b >> 3]
+            size = hdr & -8
+            if size < MIN_BLOCK or b + size > brk:
+                raise CorruptHeapError(f"offset {b}: block size {size} (header {hdr:#x}) is "
+                                       f"below {MIN_BLOCK} or runs past brk {brk}")
+            yield BlockInfo(b + 8, size, bool(hdr & FREE))
+            b += size
+
+    def stats(self) -> HeapStats:
+        """Used and free bytes, block counts, largest free block, fragmentation. O(blocks)."""
+        w = self._w
+        used_n = used = payload = free_n = free_b = largest = 0
+        for blk in self.walk():
+            if blk.free:
+                free_n += 1
+                free_b += blk.size
+                largest = max(largest, blk.size)
+            else:
+                used_n += 1
+                used += blk.size
+                payload += blk.size - 8
+        brk = w[H_BRK]
+        wild = self._bmo - brk
+        largest = max(largest, wild)
+        total_free = free_b + wild
+        frag = 1.0 - largest / total_free if total_free else 0.0
+        return HeapStats(self._cap, brk - _BLOCKS_OFF, wild, used_n, used, payload, free_n,
+                         free_b, largest, frag, w[H_PEAK_BRK], w[H_GENERATION])
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Verify every invariant of the heap; raise CorruptHeapError naming offset and invariant.
+
+        Header fields in range; every block's tags sane (size, alignment, footer = size, PREV_FREE
+        matches the previous block, no two adjacent free blocks, no free block touching brk);
+        allocation bitmap set exactly at used blocks; every free block in exactly its own bin
+        exactly once, links symmetric, no cycles (walks are bounded); bitmaps match the bins.
+        O(blocks + capacity / 512).
+        """
+        w = self._w
+        cap = self._cap
+        brk = w[H_BRK]
+
+        def bad(off: int, msg: str) -> CorruptHeapError:
+            return CorruptHeapError(f"offset {off}: {msg}")
+
+        if w[H_CAPACITY] != cap:
+            raise bad(128, f"header capacity {w[H_CAPACITY]} differs from the mapping {cap}")
+        if not _BLOCKS_OFF <= brk <= self._bmo or brk & 7:
+            raise bad(136, f"brk {brk} outside [{_BLOCKS_OFF}, {self._bmo}] or misaligned")
+        if not brk <= w[H_ZERO_FROM] <= w[H_PEAK_BRK] <= self._bmo:
+            raise bad(144, f"expected brk {brk} <= zero_from {w[H_ZERO_FROM]} <= peak_brk "
+                           f"{w[H_PEAK_BRK]} <= bitmap offset {self._bmo}")
+        if w[H_HOLE_FROM] > self._bmo:
+            raise bad(152, f"hole_from {w[H_HOLE_FROM]} past the bitmap offset {self._bmo}")
+
+        # 1. The boundary-tag walk.
+        free_blocks: dict[int, int] = {}
+        used_blocks: set[int] = set()
+        b = _BLOCKS_OFF
+        prev_free = False
+        while b < brk:
+            hdr = w[b >> 3]
+            size = hdr & -8
+            if size < MIN_BLOCK or b + size > brk:
+                raise bad(b, f"block size {size} (header {hdr:#x}) below {MIN_BLOCK} or past "
+                             f"brk {brk}")
+            if bool(hdr & PREV_FREE) != prev_free:
+                raise bad(b, f"PREV_FREE bit is {bool(hdr & PREV_FREE)} but the previous block "
+                             f"is {'free' if prev_free else 'used'}")
+            if hdr & FREE:
+                if prev_free:
+                    raise bad(b, "two adjacent free blocks (missed coalesce)")
+                if w[(b + size >> 3) - 1] != size:
+                    raise bad(b, f"free block footer {w[(b + size >> 3) - 1]} != size {size}")
+                free_blocks[b] = size
+                prev_free = True
+            else:
+                if hdr & RELEASED:
+                    raise bad(b, "RELEASED flag on a used block")
+                used_blocks.add(b)
+                prev_free = False
+            b += size
+        if prev_free:
+            raise bad(b, "the block below brk is free (it should have merged into the wilderness)")
+
+        # 2. The allocation bitmap agrees with the walk.
+        bm_words = F.bitmap_bytes(cap) >> 3
+        base = self._bmw
+        seen = 0
+        for k in range(bm_words):
+            x = w[base + k]
+            while x:
+                low = x & -x
+                bi = (k << 6) + low.bit_length() - 1
+                off = bi << 3
+                if off not in used_blocks:
+                    raise bad(off, "allocation bitmap bit set but no used block starts here")
+                seen += 1
+                x ^= low
+        if seen != len(used_blocks):
+            missing = next(u for u in sorted(used_blocks)
+                           if not (w[base + (u >> 9)] >> ((u >> 3) & 63)) & 1)
+            raise bad(missing, "used block has no allocation bitmap bit")
+
+        # 3. The bins: every free block in its own bin exactly once, links symmetric, bounded.
+        in_bins = 0
+        fl_map = w[C_FL_BITMAP]
+        for fl in range(F.FL_COUNT):
+            sl_map = w[C_SL_BITMAP + fl]
+            if bool(fl_map >> fl & 1) != bool(sl_map):
+                raise bad(F.CTL_OFF, f"first-level bitmap bit {fl} is {fl_map >> fl & 1} but "
+                                     f"second-level map is {sl_map:#x}")
+            if sl_map >> F.SL_COUNT:
+                raise bad((C_SL_BITMAP + fl) * 8, f"second-level map {sl_map:#x} has bits past "
+                                                  f"{F.SL_COUNT}")
+            for sl in range(F.SL_COUNT):
+                h = C_HEADS + (fl << 5) + sl
+                node = w[h]
+                if bool(sl_map >> sl & 1) != bool(node):
+                    raise bad(h * 8, f"bin ({fl}, {sl}) head {node} disagrees with its bitmap "
+                                     f"bit {sl_map >> sl & 1}")
+                prev = 0
+                while node:
+                    size = free_blocks.get(node)
+                    if size is None:
+                        raise bad(node, f"bin ({fl}, {sl}) links to something that is not a "
+                                        "free block")
+                    if size < 0:
+                        raise bad(node, f"free block is in the bins twice (or a cycle), seen "
+                                        f"again in bin ({fl}, {sl})")
+                    if F.size_class(size) != (fl, sl):
+                        raise bad(node, f"free block of size {size} in bin ({fl}, {sl}), "
+                                        f"belongs in {F.size_class(size)}")
+                    if w[(node >> 3) + 2] != prev:
+                        raise bad(node, f"prev link {w[(node >> 3) + 2]} != {prev} (asymmetric "
+                                        f"links in bin ({fl}, {sl}))")
+                    free_blocks[node] = -1
+                    in_bins += 1
+                    prev = node
+                    node = w[(node >> 3) + 1]
+        if fl_map >> F.FL_COUNT:
+            raise bad(F.CTL_OFF, f"first-level bitmap {fl_map:#x} has bits past {F.FL_COUNT}")
+        if in_bins != len(free_blocks):
+            lost = next(o for o, s in free_blocks.items() if s >= 0)
+            raise bad(lost, "free block is in no bin")
+
+    def rebuild_bins(self) -> int:
+        """Recreate bins, bitmaps and the allocation bitmap from the boundary tags. O(blocks).
+
+        Returns the number of free blocks indexed. Used by recovery and ``repair``.
+        """
+        w = self._w
+        for i in range(C_FL_BITMAP, C_HEADS + F.FL_COUNT * F.SL_COUNT):
+            w[i] = 0
+        bm_bytes = F.bitmap_bytes(self._cap)
+        self._memset0(self._bmo, self._bmo + bm_bytes)
+        count = 0
+        for blk in list(self.walk()):
+            b = blk.offset - 8
+            if blk.free:
+                self._insert(b, blk.size)
+                count += 1
+            else:
+                bi = b >> 3
+                w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
+        return count
+
+
+__all__ = ["Allocator", "BlockInfo", "HeapStats", "RELEASE_THRESHOLD"]
