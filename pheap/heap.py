@@ -215,6 +215,24 @@ def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap") -
     return Heap(region)
 
 
+def _reattach_file(path: str, flag: str, lock_timeout: float | None) -> "Heap":
+    return open(path, flag, lock_timeout=lock_timeout)
+
+
+def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> "Heap":
+    fd = dupfd.detach()
+    try:
+        head = os.pread(fd, F.HEADER_SIZE, 0)
+        cap = validate_header(head, os.fstat(fd).st_size, "memfd heap")
+        region = Region("memfd", fd, cap)
+    except BaseException:
+        os.close(fd)
+        raise
+    heap = Heap(region)
+    heap.lock_timeout = lock_timeout
+    return heap
+
+
 def _proc_fd(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -535,6 +553,30 @@ class Heap:
         state = "closed" if self._closed else f"capacity={self._a._cap}"
         where = self.path or self.kind
         return f"<pheap.Heap {where} {state}>"
+
+    # -- pickling: a handle that re-attaches in another process --------------------------------
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as a handle: file heaps re-open by path; memfd heaps pass their descriptor.
+
+        A memfd descriptor travels the way multiprocessing sends descriptors (to a spawned child
+        directly, to pool workers through the sender's resource sharer), so it works for
+        ``multiprocessing`` Process arguments and Pool tasks, while the sender is alive. An
+        anonymous heap has nothing to send: it is shared by ``fork`` only, and pickling it raises
+        TypeError.
+        """
+        if self._closed:
+            raise HeapClosedError("cannot pickle a closed heap")
+        kind = self._region.kind
+        if kind == "file":
+            return (_reattach_file, (self.path, "r" if self.readonly else "w",
+                                     self.lock_timeout))
+        if kind == "memfd":
+            from multiprocessing import reduction
+
+            return (_reattach_memfd, (reduction.DupFd(self._region.fd), self.lock_timeout))
+        raise TypeError("an anonymous heap cannot be sent to another process: it is shared with "
+                        "forked children only; use pheap.memfd() or a heap file instead")
 
     def _locked(self) -> "_LockContext":
         return _LockContext(self, self.lock_timeout)

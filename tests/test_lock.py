@@ -1,0 +1,182 @@
+"""The heap lock: threads and processes exclude each other; a dead holder never blocks the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import threading
+import time
+
+import pytest
+
+import pheap
+from pheap import format as F
+
+COUNTER = struct.Struct("<Q")
+
+
+def _make(kind: str, tmp_path) -> pheap.Heap:
+    if kind == "file":
+        return pheap.open(str(tmp_path / "lock.heap"), "n")
+    if kind == "memfd":
+        return pheap.memfd(1 << 20)
+    return pheap.anonymous(1 << 20)
+
+
+def _bump(h: pheap.Heap, off: int, times: int) -> None:
+    """Read-modify-write a counter under the lock, slowly enough that races would show."""
+    for i in range(times):
+        with h.lock():
+            (v,) = COUNTER.unpack(h.read(off, 8))
+            if i % 16 == 0:
+                time.sleep(0)  # yield inside the critical section
+            h.write(off, COUNTER.pack(v + 1))
+
+
+def _fork(fn) -> int:
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(pid: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not finish in {timeout} s")
+        time.sleep(0.005)
+
+
+def test_threads_exclude_each_other(tmp_path):
+    h = _make("file", tmp_path)
+    off = h.calloc(1, 8)
+    threads = [threading.Thread(target=_bump, args=(h, off, 300)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert COUNTER.unpack(h.read(off, 8))[0] == 1200
+    h.check()
+    h.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["file", "memfd", "anon"])
+def test_forked_processes_exclude_each_other(kind, tmp_path):
+    # The lock descriptor is re-opened in every child: an inherited flock would not exclude.
+    h = _make(kind, tmp_path)
+    off = h.calloc(1, 8)
+    pids = [_fork(lambda: _bump(h, off, 400)) for _ in range(4)]
+    _bump(h, off, 400)
+    assert [_reap(p) for p in pids] == [0, 0, 0, 0]
+    assert COUNTER.unpack(h.read(off, 8))[0] == 2000
+    h.check()
+    h.close()
+
+
+def test_reentrant_and_release_rules(tmp_path):
+    h = _make("file", tmp_path)
+    with h.lock():
+        with h.lock():
+            a = h.malloc(10)
+            assert h._lock.depth == 2
+        assert h._lock.depth == 1
+        h.free(a)
+    assert h._lock.depth == 0
+    with pytest.raises(RuntimeError):
+        h._lock.release()
+    h.close()
+
+
+@pytest.mark.timeout(60)
+def test_timeout_names_the_holder(tmp_path):
+    h = _make("file", tmp_path)
+    r, w = os.pipe()
+
+    def hold():
+        with h.lock():
+            os.write(w, b"x")
+            time.sleep(30)
+
+    pid = _fork(hold)
+    try:
+        assert os.read(r, 1) == b"x"
+        with pytest.raises(pheap.LockTimeoutError) as ei:
+            with h.lock(timeout=0.2):
+                pass
+        assert isinstance(ei.value, TimeoutError)
+        assert f"pid {pid}" in str(ei.value)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+    # The kernel dropped the dead holder's lock: we get it at once, and recovery ran.
+    with h.lock(timeout=1.0):
+        pass
+    assert h.info()["recoveries"] == 1
+    h.check()
+    h.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["file", "memfd", "anon"])
+def test_sigkilled_holder_does_not_block_others(kind, tmp_path):
+    h = _make(kind, tmp_path)
+    keep = [h.malloc(100 + i) for i in range(50)]
+    r, w = os.pipe()
+
+    def die_holding():
+        with h.lock():
+            for i in range(20):
+                h.free(h.malloc(1000 + i))
+            os.write(w, b"x")
+            time.sleep(60)  # the test hook: paused inside the lock until killed
+
+    pid = _fork(die_holding)
+    assert os.read(r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    assert _reap(pid) == -signal.SIGKILL
+    with h.lock(timeout=1.0):  # the kernel released the dead holder's flock: no wait
+        a = h.malloc(64)
+    info = h.info()
+    assert info["recoveries"] == 1  # it died inside the lock; the next holder recovered
+    assert h._a._w[F.H_OWNER_STATE] == F.STATE_IDLE
+    h.free(a)
+    for off in keep:
+        h.free(off)
+    h.check()
+    h.close()
+
+
+@pytest.mark.timeout(60)
+def test_read_only_handles_share_and_never_write(tmp_path):
+    path = str(tmp_path / "ro.heap")
+    with pheap.open(path, "n") as h:
+        h.root = h.malloc(8)
+    before = open(path, "rb").read()
+    r1 = pheap.open(path, "r")
+    r2 = pheap.open(path, "r")
+    with r1.lock():
+        with r2.lock(timeout=1.0):  # shared: readers do not exclude each other
+            assert r2.read(r2.root, 8) == bytes(8)
+    writer = pheap.open(path, "w")
+    with r1.lock():
+        with pytest.raises(pheap.LockTimeoutError):
+            with writer.lock(timeout=0.2):  # a reader excludes writers
+                pass
+    writer.close()
+    r1.close()
+    r2.close()
+    # The readers' locking wrote nothing (the writer's single acquisition never happened).
+    assert open(path, "rb").read() == before
