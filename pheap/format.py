@@ -34,12 +34,19 @@ offset   size  field            meaning
 176      8     names            offset of the name directory (0 = none)
 184      8     max_size         largest capacity the heap may grow to (0 = unlimited)
 192      8     peak_brk         high-water mark of brk since creation (utilization figures)
-256      8     owner_pid        pid of the process inside an operation (0 = none)
-264      8     owner_state      ``STATE_IDLE`` or ``STATE_IN_OP``
+256      8     owner_pid        pid of the process holding the lock (0 = none)
+264      8     owner_state      ``STATE_IDLE``, ``STATE_IN_OP`` or ``STATE_IN_OP_UNJOURNALED``
 272      8     op_count         operations completed under the lock (wraps at 2**64)
 280      8     recoveries       times a dead holder's operation was recovered
-512      3584  journal          reserved for the crash journal (all zero = empty)
+512      8     j_state          0: no operation in flight; 1: undo entries below are live
+520      8     j_seq            operations journaled (wraps); diagnostic only
+528      3568  j_entries        undo entries ``(word index, old value)``, ended by index 0
 =======  ====  ===============  ==========================================================
+
+The journal is an undo log (see :mod:`pheap.journal`): before an operation changes a word it
+records the word's index and old value; clearing ``j_state`` commits the operation. Recovery
+writes the old values back in reverse order, so a crash anywhere in an operation leaves exactly
+the state before it. Restoring is idempotent: a crash during recovery is just another crash.
 
 Control block (from ``ctl_off``): ``fl_bitmap`` (1 word: bit f set when some bin of first level f
 is non-empty), ``sl_bitmap[fl_count]`` (bit s of word f set when bin (f, s) is non-empty),
@@ -111,7 +118,9 @@ SIZE_MASK: Final = ~7  #: everything but the flags
 
 # Owner states.
 STATE_IDLE: Final = 0  #: no process is inside an operation
-STATE_IN_OP: Final = 1  #: owner_pid is inside an operation (a crash there needs recovery)
+STATE_IN_OP: Final = 1  #: owner_pid holds the lock, journaling (recovery = undo the journal)
+STATE_IN_OP_UNJOURNALED: Final = 2  #: owner_pid holds the lock without a journal (recovery =
+#: check, and rebuild the bins from the tags)
 
 # ---------------------------------------------------------------------------------------------
 # Word indexes into the header (byte offset // 8). Algorithm code uses these names only.
@@ -146,6 +155,11 @@ H_OP_COUNT: Final = 34  #: word index of op_count
 H_RECOVERIES: Final = 35  #: word index of recoveries
 
 H_JOURNAL: Final = JOURNAL_OFF // WORD  #: word index of the first journal word
+J_STATE: Final = H_JOURNAL  #: word index of j_state (0 idle, 1 an operation is in flight)
+J_SEQ: Final = H_JOURNAL + 1  #: word index of j_seq
+J_ENTRIES: Final = H_JOURNAL + 2  #: word index of the first undo entry (index, old value)
+J_END: Final = HEADER_SIZE // WORD  #: first word index past the journal
+J_CAPACITY: Final = (J_END - J_ENTRIES - 1) // 2  #: undo entries one operation may use
 
 # Control block word indexes.
 C_FL_BITMAP: Final = CTL_OFF // WORD  #: word index of the first-level bitmap

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from . import format as F
-from .allocator import Allocator, BlockInfo, HeapStats
+from . import journal
+from .allocator import Allocator, BlockInfo, HeapStats, JournaledAllocator
 from .errors import (
     CorruptHeapError,
     FormatError,
@@ -154,7 +155,8 @@ def _unlink_quietly(path: str) -> None:
 
 
 def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_SIZE,
-         max_size: int = 0, mode: int = FILE_MODE, lock_timeout: float | None = None) -> "Heap":
+         max_size: int = 0, mode: int = FILE_MODE, lock_timeout: float | None = None,
+         journal: bool = True) -> "Heap":
     """Open or create a heap file. ``flag`` as in :mod:`dbm`:
 
     ``'r'`` existing, read-only; ``'w'`` existing, read-write; ``'c'`` read-write, created if
@@ -190,10 +192,10 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
     except BaseException:
         os.close(fd)
         raise
-    return Heap(region, lock_timeout=lock_timeout)
+    return Heap(region, lock_timeout=lock_timeout, journal=journal)
 
 
-def anonymous(size: int = DEFAULT_SIZE) -> "Heap":
+def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> "Heap":
     """A fixed-capacity heap in anonymous shared memory (``MAP_SHARED``).
 
     Forked children (``os.fork``, multiprocessing's fork start method) share it. It cannot grow:
@@ -202,24 +204,26 @@ def anonymous(size: int = DEFAULT_SIZE) -> "Heap":
     cap = _capacity_for(size, 0)
     region = Region.new_anonymous(cap)
     _write_header(region, cap)
-    return Heap(region)
+    return Heap(region, journal=journal)
 
 
-def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap") -> "Heap":
+def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap",
+          journal: bool = True) -> "Heap":
     """A growable anonymous heap backed by ``memfd_create`` (Linux). Forked children share it,
     growth included. Gone when the last process closes it.
     """
     cap = _capacity_for(size, max_size)
     region = Region.new_memfd(cap, name)
     _write_header(region, max_size)
-    return Heap(region)
+    return Heap(region, journal=journal)
 
 
-def _reattach_file(path: str, flag: str, lock_timeout: float | None) -> "Heap":
-    return open(path, flag, lock_timeout=lock_timeout)
+def _reattach_file(path: str, flag: str, lock_timeout: float | None,
+                   journal: bool = True) -> "Heap":
+    return open(path, flag, lock_timeout=lock_timeout, journal=journal)
 
 
-def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> "Heap":
+def _reattach_memfd(dupfd: Any, lock_timeout: float | None, journal: bool = True) -> "Heap":
     fd = dupfd.detach()
     try:
         head = os.pread(fd, F.HEADER_SIZE, 0)
@@ -228,9 +232,7 @@ def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> "Heap":
     except BaseException:
         os.close(fd)
         raise
-    heap = Heap(region)
-    heap.lock_timeout = lock_timeout
-    return heap
+    return Heap(region, lock_timeout=lock_timeout, journal=journal)
 
 
 def _proc_fd(fd: int) -> str:
@@ -253,9 +255,12 @@ class Heap:
     operations under one acquisition). Offsets are plain ints, valid in every process.
     """
 
-    def __init__(self, region: Region, *, lock_timeout: float | None = None) -> None:
+    def __init__(self, region: Region, *, lock_timeout: float | None = None,
+                 journal: bool = True) -> None:
         self._region = region
-        self._a = Allocator(region)
+        self._journaled = journal and not region.readonly
+        self._a: Allocator = JournaledAllocator(region) if self._journaled else Allocator(region)
+        self._held_state = F.STATE_IN_OP if self._journaled else F.STATE_IN_OP_UNJOURNALED
         self._closed = False
         self.readonly = region.readonly
         self.lock_timeout = lock_timeout
@@ -274,6 +279,9 @@ class Heap:
         if self.readonly:
             for name in _MUTATORS:
                 setattr(self, name, self._read_only_op(name))
+        else:
+            with self._locked():  # recovers at once if a process died inside an operation
+                pass
 
     # -- lock and recovery -------------------------------------------------------------------
 
@@ -295,11 +303,16 @@ class Heap:
             a.sync()
             w = a._w
         if self.readonly:
+            if w[F.J_STATE]:
+                raise CorruptHeapError(
+                    f"offset {F.J_STATE * 8}: needs recovery: a process died inside an "
+                    "operation; open the heap read-write (or run `pheap repair`) to undo it")
             return
-        if w[F.H_OWNER_STATE] != F.STATE_IDLE:
-            self._recover(w[F.H_OWNER_PID])
+        if w[F.H_OWNER_STATE] != F.STATE_IDLE or w[F.J_STATE]:
+            self._recover()
+            w = a._w  # recovery may have remapped (an undone growth)
         w[F.H_OWNER_PID] = self._lock.pid
-        w[F.H_OWNER_STATE] = F.STATE_IN_OP
+        w[F.H_OWNER_STATE] = self._held_state
 
     def _on_release(self) -> None:
         if self.readonly or self._closed:
@@ -309,15 +322,26 @@ class Heap:
         w[F.H_OWNER_STATE] = F.STATE_IDLE
         w[F.H_OWNER_PID] = 0
 
-    def _recover(self, dead_pid: int) -> None:
-        """The last holder (``dead_pid``) died inside an operation: make the heap whole again."""
+    def _recover(self) -> None:
+        """The last holder died holding the lock: make the heap whole again.
+
+        A journaled operation in flight is undone from the journal, O(journal). A holder that ran
+        without a journal may have left torn tags: check(), and rebuild the bins from the tags
+        when only they are damaged, O(heap). A holder that died between operations (inside
+        ``with heap.lock():``) left nothing to do but count the recovery.
+        """
         a = self._a
         w = a._w
-        try:
-            a.check()
-        except CorruptHeapError:
-            a.rebuild_bins()
-            a.check()  # still broken: the tags themselves are damaged; `pheap repair` is needed
+        state = w[F.H_OWNER_STATE]
+        journal.undo(w, a._cap >> 3)
+        a.sync()  # the undo may have restored a smaller capacity
+        w = a._w
+        if state == F.STATE_IN_OP_UNJOURNALED:
+            try:
+                a.check()
+            except CorruptHeapError:
+                a.rebuild_bins()
+                a.check()  # still damaged: the tags themselves; `pheap repair` reports it
         w[F.H_RECOVERIES] += 1
         w[F.H_OWNER_STATE] = F.STATE_IDLE
 
@@ -341,6 +365,31 @@ class Heap:
 
     # -- allocation --------------------------------------------------------------------------
 
+    def _op(self, fn: Any, *args: Any) -> Any:
+        """Run one allocator operation under the lock, atomically, then give back freed pages."""
+        lk = self._lock
+        outer = lk._owner != _get_ident()
+        if outer:
+            self._acquire()
+        try:
+            a = self._a
+            if self._journaled:
+                a.begin()  # type: ignore[attr-defined]
+                try:
+                    r = fn(*args)
+                except BaseException:
+                    a.rollback()  # type: ignore[attr-defined]
+                    raise
+                a.commit()  # type: ignore[attr-defined]
+            else:
+                r = fn(*args)
+            if a.pending:
+                a.release_pending()
+            return r
+        finally:
+            if outer:
+                lk.release()
+
     def malloc(self, n: int) -> int:
         """Allocate ``n`` bytes; return the payload offset. O(1).
 
@@ -348,33 +397,48 @@ class Heap:
         >>> h = pheap.anonymous(); off = h.malloc(100); h.usable_size(off) >= 100
         True
         """
-        lk = self._lock
-        if lk._owner == _get_ident():  # already held by this thread: no lock work at all
-            return self._a.malloc(n)
-        self._acquire()
-        try:
-            return self._a.malloc(n)
-        finally:
-            lk.release()
+        a = self._a
+        if self._lock._owner == _get_ident() and not a.pending:
+            # Fast path: lock already held by this thread (inside ``with heap.lock()``).
+            if not self._journaled:
+                return a.malloc(n)
+            a.begin()  # type: ignore[attr-defined]
+            try:
+                off = a.malloc(n)
+            except BaseException:
+                a.rollback()  # type: ignore[attr-defined]
+                raise
+            a.commit()  # type: ignore[attr-defined]
+            if a.pending:
+                a.release_pending()
+            return off
+        return self._op(a.malloc, n)
 
     def free(self, off: int) -> None:
         """Free the block at ``off`` (``free(0)`` does nothing). O(1).
 
         An offset that is not a live block raises InvalidPointerError and changes nothing.
         """
-        lk = self._lock
-        if lk._owner == _get_ident():
-            return self._a.free(off)
-        self._acquire()
-        try:
-            return self._a.free(off)
-        finally:
-            lk.release()
+        a = self._a
+        if self._lock._owner == _get_ident() and not a.pending:
+            if not self._journaled:
+                a.free(off)
+            else:
+                a.begin()  # type: ignore[attr-defined]
+                try:
+                    a.free(off)
+                except BaseException:
+                    a.rollback()  # type: ignore[attr-defined]
+                    raise
+                a.commit()  # type: ignore[attr-defined]
+            if a.pending:
+                a.release_pending()
+            return
+        self._op(a.free, off)
 
     def calloc(self, count: int, size: int) -> int:
         """Allocate ``count * size`` zeroed bytes. O(1) plus the memset of reused memory."""
-        with self._locked():
-            return self._a.calloc(count, size)
+        return self._op(self._a.calloc, count, size)  # type: ignore[no-any-return]
 
     def realloc(self, off: int, n: int) -> int:
         """Resize the block at ``off`` to ``n`` bytes, keeping its contents; return its offset.
@@ -382,14 +446,12 @@ class Heap:
         In place when it can (shrink, or grow into free space after it), else it moves.
         ``realloc(0, n)`` is ``malloc(n)``. O(1) plus the copy when it moves.
         """
-        with self._locked():
-            return self._a.realloc(off, n)
+        return self._op(self._a.realloc, off, n)  # type: ignore[no-any-return]
 
     def memalign(self, alignment: int, n: int) -> int:
         """Allocate ``n`` bytes at an offset that is a multiple of ``alignment`` (a power of two
         up to 4096). O(1)."""
-        with self._locked():
-            return self._a.memalign(alignment, n)
+        return self._op(self._a.memalign, alignment, n)  # type: ignore[no-any-return]
 
     def usable_size(self, off: int) -> int:
         """Payload bytes of the live block at ``off``. O(1)."""
@@ -519,6 +581,8 @@ class Heap:
                 "root": int(w[F.H_ROOT]),
                 "op_count": int(w[F.H_OP_COUNT]),
                 "recoveries": int(w[F.H_RECOVERIES]),
+                "journal_pending": bool(w[F.J_STATE]),
+                "journaled": self._journaled,
                 "readonly": self.readonly,
             }
 
@@ -570,11 +634,12 @@ class Heap:
         kind = self._region.kind
         if kind == "file":
             return (_reattach_file, (self.path, "r" if self.readonly else "w",
-                                     self.lock_timeout))
+                                     self.lock_timeout, self._journaled))
         if kind == "memfd":
             from multiprocessing import reduction
 
-            return (_reattach_memfd, (reduction.DupFd(self._region.fd), self.lock_timeout))
+            return (_reattach_memfd, (reduction.DupFd(self._region.fd), self.lock_timeout,
+                                      self._journaled))
         raise TypeError("an anonymous heap cannot be sent to another process: it is shared with "
                         "forked children only; use pheap.memfd() or a heap file instead")
 

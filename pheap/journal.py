@@ -1,0 +1,125 @@
+"""The undo journal that makes every allocator operation atomic, and the crash-point hooks.
+
+Protocol (all inside the header page; layout in :mod:`pheap.format`)::
+
+    begin:    j_entries[0].index = 0; j_state = 1
+    write:    entry[k+1].index = 0; entry[k].old = w[i]; entry[k].index = i; w[i] = new
+    commit:   j_state = 0
+    recover:  if j_state: for each entry, last first: w[index] = old; then j_state = 0
+
+An entry becomes live when its index word is written, and only then is the heap word changed, so
+a crash between any two word writes leaves either an entry whose word is unchanged or an entry
+that restores it. Restoring writes absolute old values, so it is idempotent: a crash during
+recovery is recovered again. Recovery is O(entries), not O(heap).
+
+Python does not promise that an 8-byte store is atomic, but a ``memoryview`` of format ``'Q'``
+stores an aligned word with one machine store, and SIGKILL cannot split a machine store; that is
+the crash model of the default durability (a process crash: the page cache survives it). Power
+loss is a different model: see :meth:`pheap.Heap.flush` and docs/design.md.
+
+Why undo rather than redo: an allocator operation reads words it has just written (unlinking a
+block and then inserting the remainder into the same bin), so a redo log would need a read
+overlay. Undo lets the operation run exactly as without a journal.
+
+Crash points (testing only): ``PHEAP_CRASHPOINT=name:n[,name:n...]`` in the environment, or
+:func:`set_crashpoint`, SIGKILLs the process at the n-th hit of a named point. Points: ``begin``
+(after j_state is set), ``write`` (twice per journaled word: before its entry and between the
+entry and the word), ``commit`` (before j_state is cleared), ``recover`` (between restored words),
+``grow`` (file extended, capacity not yet written), ``release`` (committed, before pages are
+given back). When no crash point is set, none of this code is on any path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Final
+
+from . import format as F
+from .errors import CorruptHeapError
+
+__all__ = ["set_crashpoint", "clear_crashpoints", "crashpoints_armed", "hit", "undo",
+           "pending_entries", "CRASH_ENV"]
+
+CRASH_ENV: Final = "PHEAP_CRASHPOINT"  #: environment variable naming crash points
+
+_points: dict[str, int] = {}
+
+
+def set_crashpoint(name: str, n: int) -> None:
+    """SIGKILL this process at the ``n``-th hit of point ``name`` (counted from now)."""
+    if n < 1:
+        raise ValueError(f"crash point count must be >= 1, not {n}")
+    _points[name] = n
+
+
+def clear_crashpoints() -> None:
+    """Disarm every crash point."""
+    _points.clear()
+
+
+def crashpoints_armed() -> bool:
+    """Whether any crash point is set (allocators made from now on use the counting writer)."""
+    return bool(_points)
+
+
+def hit(name: str) -> None:
+    """Count a hit of crash point ``name``; SIGKILL the process when its count runs out."""
+    left = _points.get(name)
+    if left is None:
+        return
+    if left <= 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _points[name] = left - 1
+
+
+def _parse_env() -> None:
+    spec = os.environ.get(CRASH_ENV, "")
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, n = part.partition(":")
+        set_crashpoint(name, int(n or 1))
+
+
+_parse_env()
+
+
+def pending_entries(w: memoryview, words: int) -> list[tuple[int, int]]:
+    """The live undo entries of an interrupted operation, validated; [] when none.
+
+    ``words`` is how many words are mapped. An entry naming a word outside the mapping or inside
+    the journal itself means the journal is damaged: CorruptHeapError.
+    """
+    if not w[F.J_STATE]:
+        return []
+    if w[F.J_STATE] != 1:
+        raise CorruptHeapError(f"offset {F.J_STATE * 8}: journal state {w[F.J_STATE]} is "
+                               "neither 0 nor 1")
+    out = []
+    p = F.J_ENTRIES
+    while p + 1 < F.J_END:
+        i = w[p]
+        if i == 0:
+            break
+        if i >= words or F.H_JOURNAL <= i < F.J_END or i < F.H_CAPACITY:
+            raise CorruptHeapError(f"offset {p * 8}: journal entry {(p - F.J_ENTRIES) // 2} "
+                                   f"names word {i}, outside what an operation may change")
+        out.append((i, w[p + 1]))
+        p += 2
+    return out
+
+
+def undo(w: memoryview, words: int) -> int:
+    """Roll back an interrupted operation: restore its entries, last first. Idempotent.
+
+    Returns the number of entries restored (0 when no operation was in flight). O(entries).
+    """
+    entries = pending_entries(w, words)
+    if not w[F.J_STATE]:
+        return 0
+    armed = bool(_points)
+    for i, old in reversed(entries):
+        if armed:
+            hit("recover")
+        w[i] = old
+    w[F.J_STATE] = 0
+    return len(entries)

@@ -1,0 +1,286 @@
+"""Crash consistency: a process killed at any journaled point leaves exactly before or after.
+
+For every operation shape (malloc with and without a split, from the wilderness, with growth;
+free with each coalescing case; realloc in place and moving; memalign; calloc; a large free that
+gives pages back) and for every crash point it passes (``begin``, each of the two ``write`` points
+of every journaled word, ``commit``, ``grow``, ``release``), a forked child opens the heap, arms
+the point, runs the operation and is SIGKILLed there. The parent reopens the heap (which undoes
+the journal), runs ``check()`` and compares the whole allocator state -- every block, the control
+block, the header fields, and the bytes of every live block -- with the state before the
+operation and the state after it (from an uncrashed run). It must equal one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Callable
+
+import pytest
+
+import pheap
+from pheap import format as F
+from pheap import journal
+
+Setup = Callable[[pheap.Heap], dict]
+Op = Callable[[pheap.Heap, dict], object]
+
+
+def _fill(h: pheap.Heap, sizes: list[int]) -> list[int]:
+    out = []
+    for i, n in enumerate(sizes):
+        off = h.malloc(n)
+        h.write(off, bytes([i % 250 + 1]) * n)
+        out.append(off)
+    return out
+
+
+def s_free_block_in_bin(h):  # [a used][b FREE 1000][c used] ...
+    a, b, c = _fill(h, [100, 1000, 100])
+    h.free(b)
+    return {"a": a, "c": c}
+
+
+def s_row(h):  # five used blocks then the wilderness
+    return dict(zip("abcde", _fill(h, [200, 300, 400, 500, 600])))
+
+
+def s_row_prev_free(h):
+    d = s_row(h)
+    h.free(d["b"])
+    return d
+
+
+def s_row_next_free(h):
+    d = s_row(h)
+    h.free(d["d"])
+    return d
+
+
+def s_row_both_free(h):
+    d = s_row(h)
+    h.free(d["b"])
+    h.free(d["d"])
+    return d
+
+
+def s_large(h):
+    a, big, c = _fill(h, [100, 600_000, 100])
+    return {"a": a, "big": big, "c": c}
+
+
+def s_small_heap(h):
+    return {"a": _fill(h, [1000])[0]}
+
+
+SCENARIOS: dict[str, tuple[Setup, Op]] = {
+    "malloc split": (s_free_block_in_bin, lambda h, d: h.malloc(200)),
+    "malloc exact": (s_free_block_in_bin, lambda h, d: h.malloc(1000)),
+    "malloc wilderness": (s_row, lambda h, d: h.malloc(5000)),
+    "malloc grows the heap": (s_small_heap, lambda h, d: h.malloc(3 << 20)),
+    "calloc reused memory": (s_free_block_in_bin, lambda h, d: h.calloc(10, 50)),
+    "free, no free neighbour": (s_row, lambda h, d: h.free(d["c"])),
+    "free, previous free": (s_row_prev_free, lambda h, d: h.free(d["c"])),
+    "free, next free": (s_row_next_free, lambda h, d: h.free(d["c"])),
+    "free, both free": (s_row_both_free, lambda h, d: h.free(d["c"])),
+    "free into the wilderness": (s_row_both_free, lambda h, d: h.free(d["e"])),
+    "free large, pages released": (s_large, lambda h, d: h.free(d["big"])),
+    "realloc shrink": (s_row, lambda h, d: h.realloc(d["c"], 100)),
+    "realloc grow into next": (s_row_next_free, lambda h, d: h.realloc(d["c"], 700)),
+    "realloc grow into wilderness": (s_row, lambda h, d: h.realloc(d["e"], 9000)),
+    "realloc moves": (s_row, lambda h, d: h.realloc(d["b"], 5000)),
+    "memalign": (s_row_next_free, lambda h, d: h.memalign(256, 300)),
+}
+
+
+def snapshot(path: str) -> tuple:
+    """Everything that defines the heap: blocks, control block, header fields, live bytes."""
+    with pheap.open(path, "w") as h:
+        h.check()
+        mm = h._region.mm
+        w = h._a._w
+        blocks = tuple(h.walk())
+        live = tuple(bytes(mm[b.offset:b.offset - 8 + b.size]) for b in blocks if not b.free)
+        fields = tuple(int(w[i]) for i in (F.H_CAPACITY, F.H_BRK, F.H_ROOT, F.H_GENERATION))
+        ctl = bytes(mm[F.CTL_OFF:F.CTL_END])
+        bitmap = bytes(mm[h._a._bmo:h._a._cap])
+        # flags other than RELEASED (which only says pages went back) are part of the state
+        return blocks, live, fields, ctl, bitmap
+
+
+def run_child(path: str, op: Op, d: dict, point: str, n: int) -> int:
+    """Fork; the child arms ``point:n``, opens the heap and runs ``op``. Returns exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            journal.set_crashpoint(point, n)
+            h = pheap.open(path, "w")
+            op(h, d)
+            code = 0
+        except BaseException:
+            code = 4
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def explore(tmp_path, name: str) -> dict[str, int]:
+    setup, op = SCENARIOS[name]
+    pristine = str(tmp_path / "pristine.heap")
+    with pheap.open(pristine, "n", size=1 << 20) as h:
+        d = setup(h)
+    before = snapshot(pristine)
+    done = str(tmp_path / "done.heap")
+    shutil.copyfile(pristine, done)
+    with pheap.open(done, "w") as h:
+        op(h, d)
+    after = snapshot(done)
+    assert after != before, f"{name}: the operation changed nothing"
+    work = str(tmp_path / "work.heap")
+    hits: dict[str, int] = {}
+    for point in ("begin", "write", "commit", "grow", "release"):
+        n = 1
+        while True:
+            shutil.copyfile(pristine, work)
+            status = run_child(work, op, d, point, n)
+            if status == 0:
+                assert snapshot(work) == after, f"{name}: {point}:{n} completed wrongly"
+                break
+            assert status == -signal.SIGKILL, f"{name}: child failed ({status}) at {point}:{n}"
+            state = snapshot(work)  # reopening read-write ran recovery
+            assert state in (before, after), f"{name}: crash at {point}:{n} left a third state"
+            hits[point] = n
+            n += 1
+    return hits
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_crash_at_every_point_leaves_before_or_after(tmp_path, name):
+    hits = explore(tmp_path, name)
+    assert hits.get("begin") == 1 and hits.get("commit") == 1
+    assert hits.get("write", 0) >= 4, hits  # every operation journals several words
+    if name == "malloc grows the heap":
+        assert hits.get("grow") == 1
+    if name == "free large, pages released":
+        assert hits.get("release") == 1
+
+
+@pytest.mark.timeout(300)
+def test_crash_during_recovery_is_just_another_crash(tmp_path):
+    """Kill an operation half way, then kill the recovery at each of its steps, then recover."""
+    setup, op = SCENARIOS["free, both free"]
+    pristine = str(tmp_path / "p.heap")
+    with pheap.open(pristine, "n") as h:
+        d = setup(h)
+    before = snapshot(pristine)
+    crashed = str(tmp_path / "crashed.heap")
+    shutil.copyfile(pristine, crashed)
+    # Crash late in the operation so that recovery has many words to restore.
+    n_writes = explore_count(tmp_path, op, d, pristine)
+    assert run_child(crashed, op, d, "write", n_writes) == -signal.SIGKILL
+    steps = 0
+    work = str(tmp_path / "w.heap")
+    while True:
+        steps += 1
+        shutil.copyfile(crashed, work)
+        status = run_child(work, lambda h, d: None, d, "recover", steps)
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL
+        assert snapshot(work) == before  # the next opener recovered what the last one began
+    assert steps > 5
+
+
+def explore_count(tmp_path, op: Op, d: dict, pristine: str) -> int:
+    """How many ``write`` crash points the operation passes (the last one is the deepest)."""
+    work = str(tmp_path / "count.heap")
+    n = 1
+    while True:
+        shutil.copyfile(pristine, work)
+        if run_child(work, op, d, "write", n) == 0:
+            return n - 1
+        n += 1
+
+
+def test_exception_inside_an_operation_rolls_back(tmp_path):
+    """An error after some words were written (here: the journal overflowing) changes nothing."""
+    path = str(tmp_path / "x.heap")
+    with pheap.open(path, "n") as h:
+        d = s_row(h)
+        before = bytes(h._region.mm)
+        a = h._a
+        real = a._jset
+        calls = [0]
+
+        def failing(i, v):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise RuntimeError("injected failure after four journaled words")
+            real(i, v)
+
+        a._jset = failing
+        with pytest.raises(RuntimeError, match="injected"):
+            h.free(d["c"])
+        a._jset = real
+        after = bytes(h._region.mm)
+        # Everything but the lock bookkeeping words is as it was.
+        skip = range(F.H_OWNER_PID * 8, F.H_RECOVERIES * 8)
+        jskip = range(F.JOURNAL_OFF, F.HEADER_SIZE)
+        diff = [i for i in range(len(before)) if before[i] != after[i]
+                and i not in skip and i not in jskip]
+        assert diff == []
+        h.free(d["c"])
+        h.check()
+
+
+def test_unjournaled_heap_recovers_by_check_and_rebuild(tmp_path):
+    path = str(tmp_path / "u.heap")
+    with pheap.open(path, "n", journal=False) as h:
+        d = s_row_both_free(h)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            h = pheap.open(path, "w", journal=False)
+            h._lock.acquire()
+            # Damage only the bins, as a crash between two bin writes would.
+            w = h._a._w
+            w[F.C_FL_BITMAP] = 0
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    with pheap.open(path, "w") as h:  # recovery: check fails, bins rebuilt, check passes
+        h.check()
+        assert h.info()["recoveries"] == 1
+        h.free(d["c"])
+        h.check()
+
+
+def test_read_only_open_refuses_a_heap_that_needs_recovery(tmp_path):
+    path = str(tmp_path / "r.heap")
+    with pheap.open(path, "n") as h:
+        d = s_row(h)
+    assert run_child(path, lambda h, d: h.free(d["c"]), d, "write", 3) == -signal.SIGKILL
+    with pheap.open(path, "r") as r:
+        with pytest.raises(pheap.CorruptHeapError, match="needs recovery"):
+            r.check()
+    with pheap.open(path, "w") as h:  # a writer undoes it
+        h.check()
+        assert not h.info()["journal_pending"]
+
+
+def test_crashpoint_environment_variable_is_parsed(monkeypatch):
+    monkeypatch.setenv(journal.CRASH_ENV, "write:7, commit:2")
+    journal.clear_crashpoints()
+    try:
+        journal._parse_env()
+        assert journal._points == {"write": 7, "commit": 2}
+        with pytest.raises(ValueError):
+            journal.set_crashpoint("write", 0)
+    finally:
+        journal.clear_crashpoints()
