@@ -25,8 +25,9 @@ from .errors import (
     LockTimeoutError,
     PheapError,
     ReadOnlyError,
+    TransactionTooLargeError,
 )
-from .heap import DEFAULT_SIZE, Heap, anonymous, memfd, open
+from .heap import DEFAULT_SIZE, Heap, Transaction, anonymous, memfd, open
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,8 @@ __all__ = [
     "InvalidPointerError",
     "InvalidSizeError",
     "HeapFullError",
+    "TransactionTooLargeError",
+    "Transaction",
     "LockTimeoutError",
     "ReadOnlyError",
     "HeapClosedError",

@@ -36,6 +36,7 @@ from .errors import (
     InvalidPointerError,
     InvalidSizeError,
     PheapError,
+    TransactionTooLargeError,
 )
 from .format import (
     C_FL_BITMAP,
@@ -111,6 +112,7 @@ class Allocator:
     """
 
     journaled = False  #: whether operations are atomic (see JournaledAllocator)
+    in_tx = False  #: transactions need the journal
 
     def __init__(self, region: Region) -> None:
         self._r = region
@@ -571,6 +573,8 @@ class Allocator:
         more conservative: RELEASED is set / hole_from lowered *before* the pages go, so a crash
         in between costs at most a needless ``posix_fallocate`` later. O(pending).
         """
+        if self.in_tx:
+            return 0  # the transaction could still be undone: wait for its commit
         total = 0
         w = self._w
         for b, size in self.pending:
@@ -904,6 +908,10 @@ class Allocator:
                            if not (w[base + (u >> 9)] >> ((u >> 3) & 63)) & 1)
             raise bad(missing, "used block has no allocation bitmap bit")
 
+        txlog = w[F.H_TXLOG]
+        if txlog and txlog - 8 not in used_blocks:
+            raise bad(F.H_TXLOG * 8, f"transaction log offset {txlog} is not a used block")
+
         # 3. The bins: every free block in its own bin exactly once, links symmetric, bounded.
         in_bins = 0
         fl_map = w[C_FL_BITMAP]
@@ -1040,15 +1048,25 @@ class JournaledAllocator(Allocator):
 
     journaled = True
 
+    in_tx = False  #: a transaction is open: records go to the txlog block, ops do not commit
+
     def __init__(self, region: Region) -> None:
         super().__init__(region)
         self._jpos = _J_ENTRIES
+        self._jend = _J_END
+        self._jbase = _J_ENTRIES
+        self._opstart = _J_ENTRIES
+        self._oppending = 0
         self._crashy = journal.crashpoints_armed()  # test-only: count crash points
         if self._crashy:
             self._jset = self._jset_crash  # type: ignore[method-assign]
 
     def begin(self) -> None:
         """Open an operation: from here every word written is journaled first."""
+        if self.in_tx:  # part of the transaction: remember where, to undo just it if it raises
+            self._opstart = self._jpos
+            self._oppending = len(self.pending)
+            return
         w = self._w
         w[_J_ENTRIES] = 0
         w[_J_STATE] = 1
@@ -1058,24 +1076,108 @@ class JournaledAllocator(Allocator):
 
     def commit(self) -> None:
         """Close the operation: the single word that makes all of it permanent."""
+        if self.in_tx:
+            return
         if self._crashy:
             journal.hit("commit")
         self._w[_J_STATE] = 0
 
     def rollback(self) -> None:
-        """Undo the open operation (it raised): every journaled word gets its old value back."""
+        """Undo the open operation (it raised): every journaled word gets its old value back.
+
+        Inside a transaction only this operation's records are undone; the transaction goes on.
+        """
+        w = self._w
+        if self.in_tx:
+            start, end = self._opstart, self._jend
+            journal.restore(w, journal.records(w, self._cap >> 3, start, self._jbase, end))
+            w[start] = 0
+            self._jpos = start
+            del self.pending[self._oppending:]
+        else:
+            journal.undo(w, self._cap >> 3)
+            self.pending.clear()
+        if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
+            self.sync()
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def ensure_txlog(self, nbytes: int) -> None:
+        """Make the transaction log block at least ``nbytes`` long (one atomic operation)."""
+        w = self._w
+        cur = w[F.H_TXLOG]
+        if cur and (w[(cur >> 3) - 1] & -8) - 8 >= nbytes:
+            return
+        self.begin()
+        try:
+            new = self.malloc(nbytes)
+            if cur:
+                self.free(cur)
+            self._jset(F.H_TXLOG, new)
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    def tx_begin(self) -> None:
+        """Open a transaction: records go to the txlog block until tx_commit or tx_abort."""
+        w = self._w
+        p = w[F.H_TXLOG]
+        self._jbase = p >> 3
+        self._jend = (p - 8 + (w[(p >> 3) - 1] & -8)) >> 3
+        w[self._jbase] = 0
+        w[_J_STATE] = F.J_TX  # from here a crash undoes the transaction
+        self._jpos = self._jbase
+        self.in_tx = True
+        if self._crashy:
+            journal.hit("begin")
+
+    def tx_commit(self) -> None:
+        """Make the transaction permanent (one word), then give back pages it freed."""
+        if self._crashy:
+            journal.hit("commit")
+        self._w[_J_STATE] = 0
+        self._tx_end()
+        self.release_pending()
+
+    def tx_abort(self) -> None:
+        """Undo everything the transaction did, last first."""
         journal.undo(self._w, self._cap >> 3)
         self.pending.clear()
+        self._tx_end()
         w = self._w
         if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
             self.sync()
 
+    def _tx_end(self) -> None:
+        self.in_tx = False
+        self._jbase = self._jpos = _J_ENTRIES
+        self._jend = _J_END
+
+    def log_range(self, off: int, n: int) -> None:
+        """Record the current bytes [off, off+n) so that an abort or a crash restores them."""
+        w = self._w
+        p = self._jpos
+        nw = (n + 7) >> 3
+        if p + 3 + nw >= self._jend:
+            raise TransactionTooLargeError(
+                f"transaction log full: {n} more bytes at offset {off} do not fit in "
+                f"{(self._jend - self._jbase) * 8} bytes of log")
+        if self._crashy:
+            journal.hit("write")
+        self._r.mm.move((p + 2) << 3, off, n)
+        w[p + 1] = off
+        w[p + 2 + nw] = 0
+        w[p] = F.RANGE_FLAG | n  # the record is live from here on
+        self._jpos = p + 2 + nw
+        if self._crashy:
+            journal.hit("write")
+
     def _jset(self, i: int, v: int) -> None:
         w = self._w
         p = self._jpos
-        if p + 2 >= _J_END:
-            raise PheapError(f"operation changes more than {F.J_CAPACITY} words: too large for "
-                             "the journal (nothing was changed)")
+        if p + 2 >= self._jend:
+            raise self._log_full()
         w[p + 2] = 0  # the next entry's index: keeps the log terminated
         w[p + 1] = w[i]
         w[p] = i  # the entry is live from here on
@@ -1086,15 +1188,21 @@ class JournaledAllocator(Allocator):
         journal.hit("write")
         w = self._w
         p = self._jpos
-        if p + 2 >= _J_END:
-            raise PheapError(f"operation changes more than {F.J_CAPACITY} words: too large for "
-                             "the journal (nothing was changed)")
+        if p + 2 >= self._jend:
+            raise self._log_full()
         w[p + 2] = 0
         w[p + 1] = w[i]
         w[p] = i
         self._jpos = p + 2
         journal.hit("write")
         w[i] = v
+
+    def _log_full(self) -> PheapError:
+        if self.in_tx:
+            return TransactionTooLargeError(
+                f"transaction log full ({(self._jend - self._jbase) * 8} bytes)")
+        return PheapError(f"operation changes more than {F.J_CAPACITY} words: too large for the "
+                          "journal")
 
 
 for _name in JOURNALED_METHODS:

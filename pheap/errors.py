@@ -10,6 +10,7 @@ derives from the builtin a caller would naturally catch, so ``except MemoryError
     ├── InvalidPointerError(ValueError) an offset that is not a live block (double free, interior, ...)
     ├── InvalidSizeError(ValueError)    negative, non-integer or unrepresentable sizes and alignments
     ├── HeapFullError(MemoryError)      no room: max_size reached, fixed heap full, or the disk is full
+    ├── TransactionTooLargeError(MemoryError)  a transaction outgrew its undo log (rolled back)
     ├── LockTimeoutError(TimeoutError)  the heap lock was not acquired within ``timeout``
     ├── ReadOnlyError(PermissionError)  a write to a heap opened with flag 'r'
     └── HeapClosedError(ValueError)     use of a closed heap
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidPointerError",
     "InvalidSizeError",
     "HeapFullError",
+    "TransactionTooLargeError",
     "LockTimeoutError",
     "ReadOnlyError",
     "HeapClosedError",
@@ -54,6 +56,11 @@ class InvalidSizeError(PheapError, ValueError):
 
 class HeapFullError(PheapError, MemoryError):
     """The heap cannot provide the requested space (max_size, fixed capacity, or a full disk)."""
+
+
+class TransactionTooLargeError(PheapError, MemoryError):
+    """A transaction needed more undo log than it had. It was rolled back; the next one gets a
+    log large enough (or pass ``log_size`` to ``Heap.transaction``)."""
 
 
 class LockTimeoutError(PheapError, TimeoutError):

@@ -34,17 +34,21 @@ offset   size  field            meaning
 176      8     names            offset of the name directory (0 = none)
 184      8     max_size         largest capacity the heap may grow to (0 = unlimited)
 192      8     peak_brk         high-water mark of brk since creation (utilization figures)
+200      8     txlog            offset of the transaction log block (0 = none yet)
 256      8     owner_pid        pid of the process holding the lock (0 = none)
 264      8     owner_state      ``STATE_IDLE``, ``STATE_IN_OP`` or ``STATE_IN_OP_UNJOURNALED``
 272      8     op_count         operations completed under the lock (wraps at 2**64)
 280      8     recoveries       times a dead holder's operation was recovered
-512      8     j_state          0: no operation in flight; 1: undo entries below are live
+512      8     j_state          0: idle; 1: an operation's undo entries below are live;
+                                2: a transaction's undo records in the txlog block are live
 520      8     j_seq            operations journaled (wraps); diagnostic only
 528      3568  j_entries        undo entries ``(word index, old value)``, ended by index 0
 =======  ====  ===============  ==========================================================
 
 The journal is an undo log (see :mod:`pheap.journal`): before an operation changes a word it
-records the word's index and old value; clearing ``j_state`` commits the operation. Recovery
+records the word's index and old value; clearing ``j_state`` commits the operation. Inside a
+transaction the records go to the txlog block instead, and may also be byte ranges:
+``(RANGE_FLAG | n, offset, n bytes padded to words)``. Recovery
 writes the old values back in reverse order, so a crash anywhere in an operation leaves exactly
 the state before it. Restoring is idempotent: a crash during recovery is just another crash.
 
@@ -148,6 +152,7 @@ H_ROOT: Final = 21  #: word index of root
 H_NAMES: Final = 22  #: word index of names
 H_MAX_SIZE: Final = 23  #: word index of max_size
 H_PEAK_BRK: Final = 24  #: word index of peak_brk
+H_TXLOG: Final = 25  #: word index of txlog
 
 H_OWNER_PID: Final = 32  #: word index of owner_pid
 H_OWNER_STATE: Final = 33  #: word index of owner_state
@@ -160,6 +165,9 @@ J_SEQ: Final = H_JOURNAL + 1  #: word index of j_seq
 J_ENTRIES: Final = H_JOURNAL + 2  #: word index of the first undo entry (index, old value)
 J_END: Final = HEADER_SIZE // WORD  #: first word index past the journal
 J_CAPACITY: Final = (J_END - J_ENTRIES - 1) // 2  #: undo entries one operation may use
+J_OP: Final = 1  #: j_state: an operation's entries in the header are live
+J_TX: Final = 2  #: j_state: a transaction's records in the txlog block are live
+RANGE_FLAG: Final = 1 << 63  #: marks a byte-range record in a transaction log
 
 # Control block word indexes.
 C_FL_BITMAP: Final = CTL_OFF // WORD  #: word index of the first-level bitmap

@@ -27,6 +27,8 @@ from .allocator import Allocator, BlockInfo, HeapStats, JournaledAllocator
 from .errors import (
     CorruptHeapError,
     FormatError,
+    PheapError,
+    TransactionTooLargeError,
     HeapClosedError,
     InvalidPointerError,
     InvalidSizeError,
@@ -36,6 +38,7 @@ from .lock import HeapLock
 from .region import Region, allocate
 
 DEFAULT_SIZE: Final = 1 << 20  #: initial capacity of a new heap, bytes (it grows on demand)
+TX_LOG_SIZE: Final = 256 * 1024  #: undo log a transaction starts with, bytes (grows after overflow)
 FILE_MODE: Final = 0o600  #: permissions of new heap files: owner only
 
 _get_ident = threading.get_ident
@@ -261,6 +264,7 @@ class Heap:
         self._journaled = journal and not region.readonly
         self._a: Allocator = JournaledAllocator(region) if self._journaled else Allocator(region)
         self._held_state = F.STATE_IN_OP if self._journaled else F.STATE_IN_OP_UNJOURNALED
+        self._tx_log_want = TX_LOG_SIZE
         self._closed = False
         self.readonly = region.readonly
         self.lock_timeout = lock_timeout
@@ -458,6 +462,43 @@ class Heap:
         with self._locked():
             return self._a.usable_size(off)
 
+    def transaction(self, log_size: int = 0, durable: bool = False) -> "Transaction":
+        """``with heap.transaction() as tx:`` -- everything inside is all-or-nothing.
+
+        Every malloc/calloc/realloc/free/memalign, every :meth:`write`, and every range passed
+        to ``tx.add_range(off, n)`` before changing it through a view is undone when the block
+        raises, and by the next opener when the process dies inside it. A normal exit commits
+        with one word. Blocks allocated by an aborted transaction are free again, never leaked.
+        The heap lock is held throughout; nested transactions join the outer one.
+
+        ``log_size`` (bytes) sizes the undo log; the default starts at 256 KiB and grows after
+        a transaction overflows it (that one raises TransactionTooLargeError, rolled back).
+        ``durable=True`` msyncs the mapping after the commit, so the committed transaction also
+        survives an OS crash or a power loss (see docs/design.md for what that covers).
+        Cost: one lock hold, ~0.1 us per allocator word changed, one copy per logged range.
+
+        >>> import pheap
+        >>> h = pheap.anonymous()
+        >>> a = h.malloc(4); h.write(a, b"old!")
+        >>> try:
+        ...     with h.transaction():
+        ...         h.write(a, b"new!")
+        ...         b = h.malloc(100)
+        ...         raise RuntimeError("changed my mind")
+        ... except RuntimeError:
+        ...     pass
+        >>> h.read(a, 4)
+        b'old!'
+        >>> h.usable_size(b)
+        Traceback (most recent call last):
+        ...
+        pheap.errors.InvalidPointerError: invalid offset ...: is outside the block area ...
+        """
+        if not self._journaled:
+            raise PheapError("transactions need the journal: this heap was opened with "
+                             "journal=False")
+        return Transaction(self, log_size, durable)
+
     # -- data access -------------------------------------------------------------------------
 
     def _span(self, off: int, n: int) -> None:
@@ -473,10 +514,15 @@ class Heap:
             return self._region.mm[off:off + n]
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy ``data`` into the heap at ``off``. O(len(data))."""
+        """Copy ``data`` into the heap at ``off``. O(len(data)).
+
+        Inside :meth:`transaction` the old bytes are logged first, so an abort restores them.
+        """
         with self._locked():
             n = len(memoryview(data).cast("B"))
             self._span(off, n)
+            if self._a.in_tx:
+                self._a.log_range(off, n)  # type: ignore[attr-defined]
             self._region.mm[off:off + n] = data
 
     def view(self, off: int, n: int) -> memoryview:
@@ -652,6 +698,64 @@ class Heap:
             raise ReadOnlyError(f"{name}() on a heap opened read-only (flag 'r')")
         op.__name__ = name
         return op
+
+
+class Transaction:
+    """An open transaction (see :meth:`Heap.transaction`)."""
+
+    __slots__ = ("_heap", "_log_size", "_durable", "_outer", "_entered")
+
+    def __init__(self, heap: Heap, log_size: int, durable: bool) -> None:
+        self._heap = heap
+        self._log_size = log_size
+        self._durable = durable
+        self._outer = False
+        self._entered = False
+
+    def __enter__(self) -> "Transaction":
+        h = self._heap
+        if h._closed:
+            raise HeapClosedError("the heap is closed")
+        h._lock.acquire(h.lock_timeout, h._holder_pid)
+        a = h._a
+        try:
+            if not a.in_tx:
+                want = max(self._log_size, h._tx_log_want)
+                a.ensure_txlog(want)  # type: ignore[attr-defined]
+                if a.pending:
+                    a.release_pending()
+                a.tx_begin()  # type: ignore[attr-defined]
+                self._outer = True
+        except BaseException:
+            h._lock.release()
+            raise
+        self._entered = True
+        return self
+
+    def add_range(self, off: int, n: int) -> None:
+        """Log bytes [off, off+n) before you change them through a view. O(n)."""
+        h = self._heap
+        if not self._entered:
+            raise PheapError("add_range() outside the transaction's with-block")
+        h._span(off, n)
+        h._a.log_range(off, n)  # type: ignore[attr-defined]
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        h = self._heap
+        a = h._a
+        try:
+            if self._outer:
+                if et is None:
+                    a.tx_commit()  # type: ignore[attr-defined]
+                    if self._durable:
+                        h._region.flush()
+                else:
+                    a.tx_abort()  # type: ignore[attr-defined]
+                    if isinstance(ev, TransactionTooLargeError):
+                        h._tx_log_want = max(h._tx_log_want * 2, TX_LOG_SIZE)
+        finally:
+            self._entered = False
+            h._lock.release()
 
 
 class _LockContext:

@@ -39,7 +39,7 @@ from . import format as F
 from .errors import CorruptHeapError
 
 __all__ = ["set_crashpoint", "clear_crashpoints", "crashpoints_armed", "hit", "undo",
-           "pending_entries", "CRASH_ENV"]
+           "pending_entries", "log_area", "records", "restore", "CRASH_ENV"]
 
 CRASH_ENV: Final = "PHEAP_CRASHPOINT"  #: environment variable naming crash points
 
@@ -83,43 +83,93 @@ def _parse_env() -> None:
 _parse_env()
 
 
-def pending_entries(w: memoryview, words: int) -> list[tuple[int, int]]:
-    """The live undo entries of an interrupted operation, validated; [] when none.
+def log_area(w: memoryview, words: int) -> tuple[int, int]:
+    """Word range [start, end) of the records of the journal now in use (header or txlog)."""
+    state = w[F.J_STATE]
+    if state == F.J_OP or state == 0:
+        return F.J_ENTRIES, F.J_END
+    if state != F.J_TX:
+        raise CorruptHeapError(f"offset {F.J_STATE * 8}: journal state {state} is not 0, 1 or 2")
+    p = w[F.H_TXLOG]
+    brk = w[F.H_BRK]
+    if p & 7 or not F.BLOCKS_OFF + 8 <= p < brk:
+        raise CorruptHeapError(f"offset {F.H_TXLOG * 8}: transaction log offset {p} is not a "
+                               f"block in [{F.BLOCKS_OFF + 8}, {brk})")
+    size = w[(p >> 3) - 1] & ~7
+    if size < F.MIN_BLOCK or p - 8 + size > brk:
+        raise CorruptHeapError(f"offset {p - 8}: transaction log block size {size} runs past "
+                               f"brk {brk}")
+    return p >> 3, (p - 8 + size) >> 3
 
-    ``words`` is how many words are mapped. An entry naming a word outside the mapping or inside
-    the journal itself means the journal is damaged: CorruptHeapError.
+
+def pending_entries(w: memoryview, words: int) -> list[tuple[int, int, bytes | None]]:
+    """The live undo records of an interrupted operation or transaction, validated.
+
+    Each record is ``(word_index, old_value, None)`` or ``(byte_offset, 0, old_bytes)``.
+    [] when nothing is in flight. A record naming anything outside the mapping, inside the
+    immutable header or inside the journal itself means the journal is damaged: CorruptHeapError.
     """
     if not w[F.J_STATE]:
         return []
-    if w[F.J_STATE] != 1:
-        raise CorruptHeapError(f"offset {F.J_STATE * 8}: journal state {w[F.J_STATE]} is "
-                               "neither 0 nor 1")
-    out = []
-    p = F.J_ENTRIES
-    while p + 1 < F.J_END:
+    start, end = log_area(w, words)
+    return records(w, words, start, start, end)
+
+
+def records(w: memoryview, words: int, p: int, start: int,
+            end: int) -> list[tuple[int, int, bytes | None]]:
+    """Parse the records from word ``p`` of the log occupying words [start, end)."""
+    out: list[tuple[int, int, bytes | None]] = []
+    while p + 1 < end:
         i = w[p]
         if i == 0:
             break
-        if i >= words or F.H_JOURNAL <= i < F.J_END or i < F.H_CAPACITY:
-            raise CorruptHeapError(f"offset {p * 8}: journal entry {(p - F.J_ENTRIES) // 2} "
-                                   f"names word {i}, outside what an operation may change")
-        out.append((i, w[p + 1]))
+        if i & F.RANGE_FLAG:
+            n = i & ~F.RANGE_FLAG
+            off = w[p + 1]
+            nw = (n + 7) >> 3
+            if off < F.BLOCKS_OFF or off + n > words * 8 or p + 2 + nw >= end or \
+                    start * 8 <= off + n and off < end * 8:
+                raise CorruptHeapError(f"offset {p * 8}: range record ({off}, {n} bytes) "
+                                       "outside the block area or past the log")
+            data = bytes(w[p + 2:p + 2 + nw].cast("B"))[:n]
+            out.append((off, 0, data))
+            p += 2 + nw
+            continue
+        if i >= words or F.H_JOURNAL <= i < F.J_END or i < F.H_CAPACITY or start <= i < end:
+            raise CorruptHeapError(f"offset {p * 8}: journal record names word {i}, outside "
+                                   "what an operation may change")
+        out.append((i, w[p + 1], None))
         p += 2
     return out
 
 
 def undo(w: memoryview, words: int) -> int:
-    """Roll back an interrupted operation: restore its entries, last first. Idempotent.
+    """Roll back an interrupted operation or transaction: restore its records, last first.
 
-    Returns the number of entries restored (0 when no operation was in flight). O(entries).
+    Idempotent: restoring absolute old values twice is restoring them once, so a crash during
+    recovery is recovered by the next opener. Returns the records restored. O(records).
     """
     entries = pending_entries(w, words)
     if not w[F.J_STATE]:
         return 0
     armed = bool(_points)
-    for i, old in reversed(entries):
-        if armed:
-            hit("recover")
-        w[i] = old
+    restore(w, entries, armed)
     w[F.J_STATE] = 0
     return len(entries)
+
+
+def restore(w: memoryview, records: list[tuple[int, int, bytes | None]],
+            armed: bool = False) -> None:
+    """Write the old values of ``records`` back, last record first."""
+    wb = None
+    for i, old, data in reversed(records):
+        if armed:
+            hit("recover")
+        if data is None:
+            w[i] = old
+        else:
+            if wb is None:
+                wb = w.cast("B")
+            wb[i:i + len(data)] = data
+    if wb is not None:
+        wb.release()
