@@ -626,6 +626,8 @@ class Allocator:
         p = self.malloc(total)
         end = p + total
         if p < zero_from:
+            if self.in_tx:  # the memory may have been a free block when the transaction began
+                self.log_range(p, min(end, zero_from) - p)  # type: ignore[attr-defined]
             self._memset0(p, min(end, zero_from))
         return p
 
@@ -697,6 +699,8 @@ class Allocator:
                     w[(b + total) >> 3] &= ~PREV_FREE
                 return p
         q = self.malloc(n)  # may grow and remap
+        if self.in_tx:  # q may have been a free block when the transaction began: its links
+            self.log_range(q, size - 8)  # type: ignore[attr-defined]
         self._r.mm.move(q, p, size - 8)
         self.free(p)
         return q
@@ -755,6 +759,9 @@ class Allocator:
         shrinking it under them would SIGBUS them), but its disk blocks are released, which
         ``os.stat().st_blocks`` shows. O(free blocks).
         """
+        if self.in_tx:
+            raise PheapError("trim() inside a transaction: pages freed by it could still be "
+                             "needed by an abort; call it after the commit")
         w = self._w
         brk = w[H_BRK]
         total = 0
@@ -1049,6 +1056,8 @@ class JournaledAllocator(Allocator):
     journaled = True
 
     in_tx = False  #: a transaction is open: records go to the txlog block, ops do not commit
+    tx_brk = 0  #: brk when the open transaction began
+    _tx_bmo = 0  #: allocation bitmap offset when the open transaction began
 
     def __init__(self, region: Region) -> None:
         super().__init__(region)
@@ -1126,6 +1135,8 @@ class JournaledAllocator(Allocator):
         self._jbase = p >> 3
         self._jend = (p - 8 + (w[(p >> 3) - 1] & -8)) >> 3
         w[self._jbase] = 0
+        self.tx_brk = w[H_BRK]  # bytes in [tx_brk, _tx_bmo) were in no live block when it began
+        self._tx_bmo = self._bmo
         w[_J_STATE] = F.J_TX  # from here a crash undoes the transaction
         self._jpos = self._jbase
         self.in_tx = True
@@ -1155,7 +1166,22 @@ class JournaledAllocator(Allocator):
         self._jend = _J_END
 
     def log_range(self, off: int, n: int) -> None:
-        """Record the current bytes [off, off+n) so that an abort or a crash restores them."""
+        """Record the current bytes [off, off+n) so that an abort or a crash restores them.
+
+        Bytes that were wilderness when the transaction began -- [tx_brk, bitmap offset then) --
+        are not recorded: they were in no live block, and an undo frees whatever the
+        transaction allocated there. (Bytes past that are the old allocation bitmap if the heap
+        grew inside the transaction: they are recorded.)
+        """
+        lo, hi = self.tx_brk, self._tx_bmo
+        end = off + n
+        if off < lo:
+            self._log_bytes(off, min(end, lo) - off)
+        if end > hi:
+            start = max(off, hi)
+            self._log_bytes(start, end - start)
+
+    def _log_bytes(self, off: int, n: int) -> None:
         w = self._w
         p = self._jpos
         nw = (n + 7) >> 3
