@@ -72,6 +72,7 @@ _NOT_FLAGS: Final = ~7  # inlined SIZE_MASK
 _SMALL: Final = F.SMALL_LIMIT  # inlined small-class limit
 _BLOCKS_OFF: Final = F.BLOCKS_OFF  # inlined first block offset
 _PAGE: Final = F.PAGE  # inlined page size
+_MAX_REQUEST: Final = F.MAX_BLOCK - F.BLOCK_OVERHEAD  # largest payload a block can hold
 
 
 class BlockInfo(NamedTuple):
@@ -180,7 +181,7 @@ class Allocator:
     def _bad_pointer(self, p: object) -> InvalidPointerError:
         """Explain why ``p`` is not a live block (called only on the error path)."""
         if type(p) is not int:
-            return InvalidPointerError(f"offset must be an int, not {type(p).__name__}")
+            return InvalidPointerError(f"offset must be an int, not {type(p).__name__}: {p!r}")
         brk = self._w[H_BRK]
         if p == 0:
             why = "is NULL"
@@ -271,7 +272,7 @@ class Allocator:
         ``malloc(0)`` returns a minimum block, like glibc. Raises HeapFullError when the heap
         cannot grow, InvalidSizeError for negative or absurd sizes.
         """
-        if type(n) is not int or n < 0 or n > 0xFFFFFFFFFFF0:
+        if type(n) is not int or n < 0 or n > _MAX_REQUEST:
             n = self._check_size(n)
         s = (n + 15) & -8
         if s < 32:
@@ -470,6 +471,8 @@ class Allocator:
             size += psize
         if nb == brk:
             w[H_BRK] = b
+            if released and w[H_HOLE_FROM] > b:
+                w[H_HOLE_FROM] = b  # the merged block had pages without disk blocks
             if w[H_ZERO_FROM] - b >= RELEASE_THRESHOLD:
                 self.pending.append((0, b))
             return None
@@ -548,6 +551,8 @@ class Allocator:
         if nb == brk:
             # The block touches the wilderness: give it back by lowering brk.
             w[H_BRK] = b
+            if released and w[H_HOLE_FROM] > b:
+                w[H_HOLE_FROM] = b  # the merged block had pages without disk blocks
             if w[H_ZERO_FROM] - b >= RELEASE_THRESHOLD:
                 self.pending.append((0, b))
             return
@@ -602,10 +607,21 @@ class Allocator:
             return 0
         if w[H_HOLE_FROM] > start:
             w[H_HOLE_FROM] = start  # first: a crash after it only costs a needless fallocate
-        if not self._r.release(start, end - start):
+        if not self._zero_range(start, end):
             return 0
-        w[H_ZERO_FROM] = start  # lowering zero_from is always safe
+        w[H_ZERO_FROM] = start  # lowering zero_from is safe once [start, end) reads as zero
         return end - start
+
+    def _zero_range(self, start: int, end: int) -> bool:
+        """Make the wilderness bytes [start, end) read as zero: whole pages go back to the OS,
+        a partial last page is cleared by hand. ``start`` is page-aligned. Returns False (and
+        changes nothing) when the backing cannot release pages."""
+        whole = end & -F.PAGE
+        if whole > start and not self._r.release(start, whole - start):
+            return False
+        if whole < end:
+            self._memset0(max(start, whole), end)
+        return True
 
     # -- calloc, realloc, memalign, usable_size -------------------------------------------------
 
@@ -623,7 +639,10 @@ class Allocator:
             raise InvalidSizeError(f"calloc({count}, {size}) = {total} bytes exceeds the largest "
                                    "block the format allows")
         zero_from = self._w[H_ZERO_FROM]
+        cap = self._cap
         p = self.malloc(total)
+        if self._cap != cap:  # it grew: the old bitmap's bytes [old bitmap, cap) are not zero
+            zero_from = max(zero_from, cap)
         end = p + total
         if p < zero_from:
             if self.in_tx:  # the memory may have been a free block when the transaction began
@@ -770,7 +789,7 @@ class Allocator:
             # Ordered so that a crash at any point leaves only conservative state behind.
             if w[H_HOLE_FROM] > start:
                 w[H_HOLE_FROM] = start
-            if self._r.release(start, self._bmo - start):
+            if self._zero_range(start, self._bmo):
                 total += self._bmo - start
                 if w[H_ZERO_FROM] > start:
                     w[H_ZERO_FROM] = start

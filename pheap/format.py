@@ -41,7 +41,6 @@ offset   size  field            meaning
 280      8     recoveries       times a dead holder's operation was recovered
 512      8     j_state          0: idle; 1: an operation's undo entries below are live;
                                 2: a transaction's undo records in the txlog block are live
-520      8     j_seq            operations journaled (wraps); diagnostic only
 528      3568  j_entries        undo entries ``(word index, old value)``, ended by index 0
 =======  ====  ===============  ==========================================================
 
@@ -161,8 +160,7 @@ H_RECOVERIES: Final = 35  #: word index of recoveries
 
 H_JOURNAL: Final = JOURNAL_OFF // WORD  #: word index of the first journal word
 J_STATE: Final = H_JOURNAL  #: word index of j_state (0 idle, 1 an operation is in flight)
-J_SEQ: Final = H_JOURNAL + 1  #: word index of j_seq
-J_ENTRIES: Final = H_JOURNAL + 2  #: word index of the first undo entry (index, old value)
+J_ENTRIES: Final = H_JOURNAL + 2  #: word index of the first undo entry (word 65 is reserved)
 J_END: Final = HEADER_SIZE // WORD  #: first word index past the journal
 J_CAPACITY: Final = (J_END - J_ENTRIES - 1) // 2  #: undo entries one operation may use
 J_OP: Final = 1  #: j_state: an operation's entries in the header are live
