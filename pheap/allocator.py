@@ -937,6 +937,10 @@ class Allocator:
         txlog = w[F.H_TXLOG]
         if txlog and txlog - 8 not in used_blocks:
             raise bad(F.H_TXLOG * 8, f"transaction log offset {txlog} is not a used block")
+        root = w[F.H_ROOT]
+        if root and root - 8 not in used_blocks:
+            raise bad(F.H_ROOT * 8, f"root offset {root} is not a used block (freed while "
+                                    "still the root, or damaged)")
 
         # 3. The bins: every free block in its own bin exactly once, links symmetric, bounded.
         in_bins = 0
