@@ -21,7 +21,7 @@ measured (tools/bench_alloc.py) to be the largest single cost after the word acc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final, NamedTuple
 
 import ast
@@ -859,8 +859,10 @@ class Allocator:
 
     # -- invariants ---------------------------------------------------------------------------
 
-    def check(self) -> None:
+    def check(self, progress: Callable[[float], None] | None = None) -> None:
         """Verify every invariant of the heap; raise CorruptHeapError naming offset and invariant.
+
+        ``progress``, if given, is called with the fraction done (0.0 to 1.0) now and then.
 
         Header fields in range; every block's tags sane (size, alignment, footer = size, PREV_FREE
         matches the previous block, no two adjacent free blocks, no free block touching brk);
@@ -890,7 +892,13 @@ class Allocator:
         used_blocks: set[int] = set()
         b = _BLOCKS_OFF
         prev_free = False
+        span = max(brk - _BLOCKS_OFF, 1)
+        tick = 0
         while b < brk:
+            if progress is not None:
+                tick += 1
+                if tick & 0xFFFF == 0:
+                    progress(0.8 * (b - _BLOCKS_OFF) / span)  # the walk is most of the work
             hdr = w[b >> 3]
             size = hdr & -8
             if size < MIN_BLOCK or b + size > brk:
@@ -983,6 +991,8 @@ class Allocator:
         if in_bins != len(free_blocks):
             lost = next(o for o, s in free_blocks.items() if s >= 0)
             raise bad(lost, "free block is in no bin")
+        if progress is not None:
+            progress(1.0)
 
     def rebuild_bins(self) -> int:
         """Recreate bins, bitmaps and the allocation bitmap from the boundary tags. O(blocks).
@@ -1079,6 +1089,7 @@ class JournaledAllocator(Allocator):
     journaled = True
 
     in_tx = False  #: a transaction is open: records go to the txlog block, ops do not commit
+    durable = False  #: msync before and after every commit word (durability="power")
     tx_brk = 0  #: brk when the open transaction began
     _tx_bmo = 0  #: allocation bitmap offset when the open transaction began
 
@@ -1112,6 +1123,11 @@ class JournaledAllocator(Allocator):
             return
         if self._crashy:
             journal.hit("commit")
+        if self.durable:  # the operation and its undo log on disk before the commit word
+            self._r.flush()
+            self._w[_J_STATE] = 0
+            self._r.flush()
+            return
         self._w[_J_STATE] = 0
 
     def rollback(self) -> None:
@@ -1166,11 +1182,16 @@ class JournaledAllocator(Allocator):
         if self._crashy:
             journal.hit("begin")
 
-    def tx_commit(self) -> None:
+    def tx_commit(self, durable: bool = False) -> None:
         """Make the transaction permanent (one word), then give back pages it freed."""
         if self._crashy:
             journal.hit("commit")
-        self._w[_J_STATE] = 0
+        if durable or self.durable:
+            self._r.flush()
+            self._w[_J_STATE] = 0
+            self._r.flush()
+        else:
+            self._w[_J_STATE] = 0
         self._tx_end()
         self.release_pending()
 

@@ -10,6 +10,8 @@ code  meaning
 2     usage error (argparse)
 3     the file cannot be opened as a heap (not a heap, wrong version, bad CRC, missing)
 4     ``repair``: the heap is still damaged after repair
+5     ``check``: a process died inside an operation and the journal is pending (opening the
+      heap read-write, or ``pheap repair``, undoes it)
 ====  ==============================================================
 """
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -26,13 +29,58 @@ from collections.abc import Sequence
 from . import __version__
 from . import format as F
 from .errors import CorruptHeapError, FormatError, PheapError
-from .heap import Heap, open as open_heap
+from .heap import Heap, validate_header
+from .heap import open as open_heap
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
 EXIT_USAGE = 2
 EXIT_UNREADABLE = 3
 EXIT_UNREPAIRED = 4
+EXIT_NEEDS_RECOVERY = 5
+
+
+def _pending_journal(path: str) -> int:
+    """Undo records a dead process left in the journal (0 when none), read without locking."""
+    from .journal import pending_entries
+    from .region import Region
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, F.HEADER_SIZE, 0)
+        validate_header(head, os.fstat(fd).st_size, path)
+        (state,) = struct.unpack_from("<Q", head, F.J_STATE * 8)
+        if not state:
+            return 0
+        (cap,) = struct.unpack_from("<Q", head, F.H_CAPACITY * 8)
+        region = Region.open_file(path, min(cap, os.fstat(fd).st_size), readonly=True)
+        try:
+            return max(1, len(pending_entries(region.w, region.size >> 3)))
+        finally:
+            region.close()
+    finally:
+        os.close(fd)
+
+
+class _Progress:
+    """A one-line progress indicator on stderr (only when it is a terminal, or when asked)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.last = -1
+
+    def __call__(self, fraction: float) -> None:
+        pct = int(fraction * 100)
+        if self.enabled and pct != self.last:
+            self.last = pct
+            print(f"\r{self.label}: {pct:3d}%", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.enabled and self.last >= 0:
+            print(file=sys.stderr)
 
 
 def _human(n: int) -> str:
@@ -80,14 +128,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    pending = _pending_journal(args.file)
+    if pending:
+        print(f"{args.file}: NEEDS RECOVERY: a process died inside an operation; the journal "
+              f"holds {pending} undo records. Opening it read-write (or `pheap repair`) undoes "
+              "that operation.", file=sys.stderr)
+        return EXIT_NEEDS_RECOVERY
+    progress = _Progress("checking", args.progress or sys.stderr.isatty())
     try:
         with _open(args.file) as h:
             t0 = time.perf_counter()
-            h.check()
+            h.check(progress)
             st = h.stats()
     except CorruptHeapError as e:
+        progress.done()
         print(f"{args.file}: DAMAGED: {e}", file=sys.stderr)
         return EXIT_DAMAGED
+    progress.done()
     if not args.quiet:
         print(f"{args.file}: ok ({st.used_blocks} used, {st.free_blocks} free blocks, "
               f"checked in {time.perf_counter() - t0:.3f} s)")
@@ -95,33 +152,43 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    with _open(args.file, "r") as h:
+    pending = _pending_journal(args.file)
+    damage = None
+    if not pending:
         try:
-            h.check()
-            damaged = None
+            with _open(args.file) as h:
+                h.check()
         except CorruptHeapError as e:
-            damaged = str(e)
-    if damaged is None:
-        print(f"{args.file}: ok, nothing to repair")
-        return EXIT_OK
-    print(f"{args.file}: damaged: {damaged}")
+            damage = str(e)
+        if damage is None:
+            print(f"{args.file}: sound, nothing to repair")
+            return EXIT_OK
+    plan = []
+    if pending:
+        plan.append(f"undo the operation a dead process left in the journal ({pending} "
+                    "records)")
+    if damage:
+        plan.append(f"rebuild the bins and bitmaps from the boundary tags (found: {damage})")
+    else:
+        plan.append("then check, and rebuild the bins from the tags if still damaged")
     if args.dry_run:
-        print("dry run: would rebuild the bins and bitmaps from the boundary tags")
-        return EXIT_DAMAGED
+        print(f"{args.file}: dry run, nothing changed. Repair would:")
+        for step in plan:
+            print(f"  - {step}")
+        return EXIT_NEEDS_RECOVERY if pending else EXIT_DAMAGED
     if args.backup:
         backup = args.file + ".bak"
         shutil.copyfile(args.file, backup)
         print(f"backup written to {backup}")
-    with _open(args.file, "w") as h:
-        with h.lock():
-            n = h.rebuild_bins()
-            try:
-                h.check()
-            except CorruptHeapError as e:
-                print(f"{args.file}: still damaged after rebuilding the bins: {e}",
-                      file=sys.stderr)
-                return EXIT_UNREPAIRED
-    print(f"{args.file}: repaired ({n} free blocks re-indexed)")
+    try:
+        with _open(args.file, "w") as h:  # opening read-write undoes the journal
+            report = h.repair()
+    except CorruptHeapError as e:
+        print(f"{args.file}: still damaged after repair: {e}", file=sys.stderr)
+        return EXIT_UNREPAIRED
+    if pending:
+        print(f"{args.file}: undid the interrupted operation from the journal")
+    print(f"{args.file}: {report}")
     return EXIT_OK
 
 
@@ -197,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", help="verify every invariant (exit 1 when damaged)")
     s.add_argument("file")
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing when sound")
+    s.add_argument("--progress", action="store_true",
+                   help="show progress on stderr (default: when stderr is a terminal)")
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("repair", help="rebuild bins and bitmaps from the boundary tags")

@@ -159,7 +159,7 @@ def _unlink_quietly(path: str) -> None:
 
 def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_SIZE,
          max_size: int = 0, mode: int = FILE_MODE, lock_timeout: float | None = None,
-         journal: bool = True) -> "Heap":
+         journal: bool = True, durability: str = "process") -> "Heap":
     """Open or create a heap file. ``flag`` as in :mod:`dbm`:
 
     ``'r'`` existing, read-only; ``'w'`` existing, read-write; ``'c'`` read-write, created if
@@ -195,7 +195,7 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
     except BaseException:
         os.close(fd)
         raise
-    return Heap(region, lock_timeout=lock_timeout, journal=journal)
+    return Heap(region, lock_timeout=lock_timeout, journal=journal, durability=durability)
 
 
 def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> "Heap":
@@ -222,8 +222,8 @@ def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap",
 
 
 def _reattach_file(path: str, flag: str, lock_timeout: float | None,
-                   journal: bool = True) -> "Heap":
-    return open(path, flag, lock_timeout=lock_timeout, journal=journal)
+                   journal: bool = True, durability: str = "process") -> "Heap":
+    return open(path, flag, lock_timeout=lock_timeout, journal=journal, durability=durability)
 
 
 def _reattach_memfd(dupfd: Any, lock_timeout: float | None, journal: bool = True) -> "Heap":
@@ -247,7 +247,7 @@ def _proc_fd(fd: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _MUTATORS: Final = ("malloc", "free", "calloc", "realloc", "memalign", "write", "trim",
-                    "rebuild_bins")
+                    "rebuild_bins", "repair", "transaction")
 
 
 class Heap:
@@ -259,10 +259,17 @@ class Heap:
     """
 
     def __init__(self, region: Region, *, lock_timeout: float | None = None,
-                 journal: bool = True) -> None:
+                 journal: bool = True, durability: str = "process") -> None:
+        if durability not in ("process", "power"):
+            raise ValueError(f"durability must be 'process' or 'power', not {durability!r}")
+        if durability == "power" and not journal:
+            raise ValueError("durability='power' needs the journal")
         self._region = region
         self._journaled = journal and not region.readonly
         self._a: Allocator = JournaledAllocator(region) if self._journaled else Allocator(region)
+        self.durability = durability
+        if durability == "power" and self._journaled:
+            self._a.durable = True  # type: ignore[attr-defined]
         self._held_state = F.STATE_IN_OP if self._journaled else F.STATE_IN_OP_UNJOURNALED
         self._tx_log_want = TX_LOG_SIZE
         self._closed = False
@@ -564,10 +571,35 @@ class Heap:
         with self._locked():
             return self._a.stats()
 
-    def check(self) -> None:
-        """Verify every invariant; raise CorruptHeapError naming the offset and invariant."""
+    def check(self, progress: Any = None) -> None:
+        """Verify every invariant; raise CorruptHeapError naming the offset and invariant.
+
+        Header and journal state, the boundary-tag walk, the allocation bitmap, every bin (each
+        free block in its own bin once, symmetric links, no cycle: walks are bounded), bitmaps
+        against bins, root and transaction log pointing at live blocks. O(blocks + capacity/512).
+        ``progress(fraction)`` is called now and then on large heaps.
+        """
         with self._locked():
+            self._a.check(progress)
+
+    def repair(self) -> str:
+        """Make a damaged heap whole where its boundary tags allow; return what was done.
+
+        Taking the lock already undid any operation or transaction a dead process left in the
+        journal. If check() still fails, the bins, bitmaps and allocation bitmap are rebuilt from
+        the tags (the tags are the truth). If it fails after that, the tags themselves are
+        damaged: CorruptHeapError, and the file is left for a person (``pheap walk`` shows where).
+        O(blocks). Back the file up first: ``pheap repair --backup`` does.
+        """
+        with self._locked():
+            try:
+                self._a.check()
+                return "sound: nothing to repair"
+            except CorruptHeapError as e:
+                first = str(e)
+            n = self._a.rebuild_bins()
             self._a.check()
+            return f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"
 
     def rebuild_bins(self) -> int:
         """Recreate the bins and bitmaps from the boundary tags; return the free block count."""
@@ -680,7 +712,7 @@ class Heap:
         kind = self._region.kind
         if kind == "file":
             return (_reattach_file, (self.path, "r" if self.readonly else "w",
-                                     self.lock_timeout, self._journaled))
+                                     self.lock_timeout, self._journaled, self.durability))
         if kind == "memfd":
             from multiprocessing import reduction
 
@@ -746,9 +778,7 @@ class Transaction:
         try:
             if self._outer:
                 if et is None:
-                    a.tx_commit()  # type: ignore[attr-defined]
-                    if self._durable:
-                        h._region.flush()
+                    a.tx_commit(self._durable)  # type: ignore[attr-defined]
                 else:
                     a.tx_abort()  # type: ignore[attr-defined]
                     if isinstance(ev, TransactionTooLargeError):

@@ -428,3 +428,35 @@ def test_transactions_need_the_journal(tmp_path):
     with pheap.open(str(tmp_path / "t.heap"), "n", journal=False) as h:
         with pytest.raises(pheap.PheapError, match="journal"):
             h.transaction()
+
+
+def test_power_durability_commits_through_msync(tmp_path, monkeypatch):
+    path = str(tmp_path / "p.heap")
+    with pheap.open(path, "n", durability="power") as h:
+        calls = []
+        real = h._region.flush
+        monkeypatch.setattr(h._region, "flush", lambda: (calls.append(1), real())[1])
+        a = h.malloc(100)
+        assert len(calls) == 2  # before and after the commit word
+        with h.transaction():
+            h.write(a, b"durable")
+        assert len(calls) == 4
+        h.check()
+    with pheap.open(path, "r") as h:
+        assert h.read(a, 7) == b"durable"
+    with pytest.raises(ValueError, match="durability"):
+        pheap.open(path, "w", durability="eventually")
+    with pytest.raises(ValueError, match="journal"):
+        pheap.open(path, "w", durability="power", journal=False)
+
+
+def test_durable_transaction_on_a_process_durability_heap(tmp_path, monkeypatch):
+    with pheap.open(str(tmp_path / "d.heap"), "n") as h:
+        calls = []
+        real = h._region.flush
+        monkeypatch.setattr(h._region, "flush", lambda: (calls.append(1), real())[1])
+        h.free(h.malloc(10))
+        assert calls == []  # the default never msyncs on the hot path
+        with h.transaction(durable=True):
+            h.malloc(10)
+        assert len(calls) == 2
