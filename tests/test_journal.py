@@ -430,12 +430,25 @@ def test_transactions_need_the_journal(tmp_path):
             h.transaction()
 
 
+def _count_flushes(monkeypatch) -> list[int]:
+    from pheap.region import Region
+
+    calls: list[int] = []
+    real = Region.flush
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Region, "flush", counting)
+    return calls
+
+
 def test_power_durability_commits_through_msync(tmp_path, monkeypatch):
     path = str(tmp_path / "p.heap")
+    calls = _count_flushes(monkeypatch)
     with pheap.open(path, "n", durability="power") as h:
-        calls = []
-        real = h._region.flush
-        monkeypatch.setattr(h._region, "flush", lambda: (calls.append(1), real())[1])
+        del calls[:]
         a = h.malloc(100)
         assert len(calls) == 2  # before and after the commit word
         with h.transaction():
@@ -451,10 +464,9 @@ def test_power_durability_commits_through_msync(tmp_path, monkeypatch):
 
 
 def test_durable_transaction_on_a_process_durability_heap(tmp_path, monkeypatch):
+    calls = _count_flushes(monkeypatch)
     with pheap.open(str(tmp_path / "d.heap"), "n") as h:
-        calls = []
-        real = h._region.flush
-        monkeypatch.setattr(h._region, "flush", lambda: (calls.append(1), real())[1])
+        del calls[:]
         h.free(h.malloc(10))
         assert calls == []  # the default never msyncs on the hot path
         with h.transaction(durable=True):
