@@ -451,9 +451,12 @@ def test_power_durability_commits_through_msync(tmp_path, monkeypatch):
         del calls[:]
         a = h.malloc(100)
         assert len(calls) == 2  # before and after the commit word
+        with h.transaction():  # the first one also allocates the log: one more operation
+            pass
+        del calls[:]
         with h.transaction():
             h.write(a, b"durable")
-        assert len(calls) == 4
+        assert len(calls) == 2
         h.check()
     with pheap.open(path, "r") as h:
         assert h.read(a, 7) == b"durable"
