@@ -60,7 +60,7 @@ from .region import Region
 # Tunables: safe to change, the format does not depend on them.
 # ---------------------------------------------------------------------------------------------
 
-RELEASE_THRESHOLD: Final = 128 * 1024  #: free areas this large give their pages back (glibc's 128 KiB)
+RELEASE_THRESHOLD: Final = 128 * 1024  #: free areas this large give pages back (glibc: 128 KiB)
 GROW_FACTOR_NUM: Final = 3  #: capacity grows to at least 3/2 of itself: amortised O(1) growth
 GROW_FACTOR_DEN: Final = 2  #: (denominator of the growth factor)
 GROW_GRANULE: Final = 64 * 1024  #: capacities are multiples of this many bytes

@@ -5,12 +5,12 @@ derives from the builtin a caller would naturally catch, so ``except MemoryError
 ``except ValueError`` keep working for code that does not know pheap::
 
     PheapError
-    ├── FormatError(ValueError)         not a pheap heap, wrong version, bad CRC, foreign byte order
-    ├── CorruptHeapError(ValueError)    an invariant is broken; the message names offset and invariant
-    ├── InvalidPointerError(ValueError) an offset that is not a live block (double free, interior, ...)
-    ├── InvalidSizeError(ValueError)    negative, non-integer or unrepresentable sizes and alignments
-    ├── HeapFullError(MemoryError)      no room: max_size reached, fixed heap full, or the disk is full
-    ├── TransactionTooLargeError(MemoryError)  a transaction outgrew its undo log (rolled back)
+    ├── FormatError(ValueError)         not a pheap heap, wrong version, bad CRC, byte order
+    ├── CorruptHeapError(ValueError)    a broken invariant; the message names offset and which
+    ├── InvalidPointerError(ValueError) an offset that is not a live block (double free, ...)
+    ├── InvalidSizeError(ValueError)    negative, non-integer or unrepresentable size/alignment
+    ├── HeapFullError(MemoryError)      no room: max_size reached, fixed heap full, disk full
+    ├── TransactionTooLargeError(MemoryError)  a transaction outgrew its undo log
     ├── LockTimeoutError(TimeoutError)  the heap lock was not acquired within ``timeout``
     ├── ReadOnlyError(PermissionError)  a write to a heap opened with flag 'r'
     └── HeapClosedError(ValueError)     use of a closed heap

@@ -204,7 +204,7 @@ def is_prev_free(word: int) -> bool:
 
 
 def request_to_block(n: int) -> int:
-    """Block size that holds a payload of ``n`` bytes: header added, 8-aligned, at least MIN_BLOCK."""
+    """Block size for a payload of ``n`` bytes: header added, 8-aligned, at least MIN_BLOCK."""
     s = (n + BLOCK_OVERHEAD + ALIGN - 1) & ~(ALIGN - 1)
     return s if s > MIN_BLOCK else MIN_BLOCK
 

@@ -159,7 +159,7 @@ def _unlink_quietly(path: str) -> None:
 
 def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_SIZE,
          max_size: int = 0, mode: int = FILE_MODE, lock_timeout: float | None = None,
-         journal: bool = True, durability: str = "process") -> "Heap":
+         journal: bool = True, durability: str = "process") -> Heap:
     """Open or create a heap file. ``flag`` as in :mod:`dbm`:
 
     ``'r'`` existing, read-only; ``'w'`` existing, read-write; ``'c'`` read-write, created if
@@ -198,7 +198,7 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
     return Heap(region, lock_timeout=lock_timeout, journal=journal, durability=durability)
 
 
-def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> "Heap":
+def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> Heap:
     """A fixed-capacity heap in anonymous shared memory (``MAP_SHARED``).
 
     Forked children (``os.fork``, multiprocessing's fork start method) share it. It cannot grow:
@@ -211,7 +211,7 @@ def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> "Heap":
 
 
 def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap",
-          journal: bool = True) -> "Heap":
+          journal: bool = True) -> Heap:
     """A growable anonymous heap backed by ``memfd_create`` (Linux). Forked children share it,
     growth included. Gone when the last process closes it.
     """
@@ -222,11 +222,11 @@ def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap",
 
 
 def _reattach_file(path: str, flag: str, lock_timeout: float | None,
-                   journal: bool = True, durability: str = "process") -> "Heap":
+                   journal: bool = True, durability: str = "process") -> Heap:
     return open(path, flag, lock_timeout=lock_timeout, journal=journal, durability=durability)
 
 
-def _reattach_memfd(dupfd: Any, lock_timeout: float | None, journal: bool = True) -> "Heap":
+def _reattach_memfd(dupfd: Any, lock_timeout: float | None, journal: bool = True) -> Heap:
     fd = dupfd.detach()
     try:
         head = os.pread(fd, F.HEADER_SIZE, 0)
@@ -356,7 +356,7 @@ class Heap:
         w[F.H_RECOVERIES] += 1
         w[F.H_OWNER_STATE] = F.STATE_IDLE
 
-    def lock(self, timeout: float | None = None) -> "_LockContext":
+    def lock(self, timeout: float | None = None) -> _LockContext:
         """``with heap.lock():`` holds the heap lock across many operations. Re-entrant.
 
         ``timeout`` (seconds) raises LockTimeoutError naming the holder's pid when it can.
@@ -469,7 +469,7 @@ class Heap:
         with self._locked():
             return self._a.usable_size(off)
 
-    def transaction(self, log_size: int = 0, durable: bool = False) -> "Transaction":
+    def transaction(self, log_size: int = 0, durable: bool = False) -> Transaction:
         """``with heap.transaction() as tx:`` -- everything inside is all-or-nothing.
 
         Every malloc/calloc/realloc/free/memalign, every :meth:`write`, and every range passed
@@ -685,7 +685,7 @@ class Heap:
         except Exception:
             pass
 
-    def __enter__(self) -> "Heap":
+    def __enter__(self) -> Heap:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -721,7 +721,7 @@ class Heap:
         raise TypeError("an anonymous heap cannot be sent to another process: it is shared with "
                         "forked children only; use pheap.memfd() or a heap file instead")
 
-    def _locked(self) -> "_LockContext":
+    def _locked(self) -> _LockContext:
         return _LockContext(self, self.lock_timeout)
 
     @staticmethod
@@ -744,7 +744,7 @@ class Transaction:
         self._outer = False
         self._entered = False
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         h = self._heap
         if h._closed:
             raise HeapClosedError("the heap is closed")

@@ -37,7 +37,7 @@ from .errors import LockTimeoutError
 POLL_START: Final = 0.0005  #: first sleep between non-blocking tries when a timeout is given, s
 POLL_MAX: Final = 0.02  #: longest sleep between tries, s
 
-_live_locks: "weakref.WeakSet[HeapLock]" = weakref.WeakSet()
+_live_locks: weakref.WeakSet[HeapLock] = weakref.WeakSet()
 
 
 def _reopen_all_after_fork() -> None:
@@ -54,8 +54,8 @@ class HeapLock:
 
     ``reopen()`` opens a new descriptor of the heap's file: the lock calls it once now and again
     in every forked child (a new open file description, so the child's flock excludes the
-    parent's). The lock owns that descriptor and closes it in :meth:`close`. ``on_acquire(owner_pid_hint)`` runs
-    after the outermost acquisition and ``on_release()`` before the outermost release.
+    parent's). The lock owns that descriptor and closes it in :meth:`close`. ``on_acquire()``
+    runs after the outermost acquisition and ``on_release()`` before the outermost release.
     """
 
     __slots__ = ("_fd", "_reopen", "_tlock", "_owner", "_depth", "_shared", "on_acquire",
@@ -88,7 +88,8 @@ class HeapLock:
         """Nesting depth of the calling thread's hold (0 when not held by it)."""
         return self._depth if self._owner == threading.get_ident() else 0
 
-    def acquire(self, timeout: float | None = None, holder: Callable[[], int] | None = None) -> None:
+    def acquire(self, timeout: float | None = None,
+                holder: Callable[[], int] | None = None) -> None:
         """Take the lock (re-entrant). ``timeout`` in seconds; None waits forever.
 
         ``holder`` tells the pid in the heap header, for the LockTimeoutError message.

@@ -21,7 +21,7 @@ from typing import Final
 
 from .errors import HeapFullError, PheapError
 
-RELEASE_ADVICE: Final = getattr(mmap, "MADV_REMOVE", None)  #: madvise that frees pages and disk blocks
+RELEASE_ADVICE: Final = getattr(mmap, "MADV_REMOVE", None)  #: frees pages and disk blocks
 
 __all__ = ["Region"]
 
@@ -51,7 +51,7 @@ class Region:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def open_file(cls, path: str, size: int, *, readonly: bool = False, fd: int = -1) -> "Region":
+    def open_file(cls, path: str, size: int, *, readonly: bool = False, fd: int = -1) -> Region:
         """Map an existing heap file; ``size`` bytes of it (the header's capacity)."""
         if fd < 0:
             fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
@@ -62,7 +62,7 @@ class Region:
             raise
 
     @classmethod
-    def new_memfd(cls, size: int, name: str = "pheap") -> "Region":
+    def new_memfd(cls, size: int, name: str = "pheap") -> Region:
         """A growable anonymous region backed by ``memfd_create``; forked children share it."""
         if not hasattr(os, "memfd_create"):
             raise PheapError("memfd heaps need os.memfd_create (Linux)")
@@ -75,7 +75,7 @@ class Region:
             raise
 
     @classmethod
-    def new_anonymous(cls, size: int) -> "Region":
+    def new_anonymous(cls, size: int) -> Region:
         """A fixed-size anonymous ``MAP_SHARED`` region; forked children share it."""
         return cls("anon", -1, size)
 
@@ -96,9 +96,10 @@ class Region:
         return self.fd >= 0 and not self.readonly
 
     def extend(self, new_size: int) -> None:
-        """Make the backing at least ``new_size`` bytes with real disk blocks; do not remap yet."""
+        """Make the backing ``new_size`` bytes long with real disk blocks; do not remap yet."""
         if not self.growable:
-            raise HeapFullError(f"a {self.kind} heap of {self.size} bytes cannot grow to {new_size}")
+            raise HeapFullError(f"a {self.kind} heap of {self.size} bytes cannot grow to "
+                                f"{new_size}")
         allocate(self.fd, self.size, new_size - self.size)
 
     def remap(self, new_size: int) -> None:
@@ -148,7 +149,7 @@ class Region:
         return True
 
     def flush(self) -> None:
-        """msync the whole mapping (a no-op for anonymous regions, which have nothing to sync to)."""
+        """msync the whole mapping (a no-op for anonymous regions: nothing to sync to)."""
         if self.fd >= 0 and not self.readonly:
             self.mm.flush()
 

@@ -43,7 +43,7 @@ def s_free_block_in_bin(h):  # [a used][b FREE 1000][c used] ...
 
 
 def s_row(h):  # five used blocks then the wilderness
-    return dict(zip("abcde", _fill(h, [200, 300, 400, 500, 600])))
+    return dict(zip("abcde", _fill(h, [200, 300, 400, 500, 600]), strict=True))
 
 
 def s_row_prev_free(h):
@@ -353,7 +353,7 @@ def test_transaction_abort_restores_bytes_frees_and_allocations(tmp_path):
                 v = h.view(d["c"], 16)
                 v[:] = bytes(16)
                 v.release()
-                1 / 0
+                raise ZeroDivisionError("abort the transaction")
         assert [h.read(d[k], 200) for k in "abcde"] == before
         txlog = h._a._w[F.H_TXLOG]
         assert [b for b in h.walk() if b.offset != txlog] == \
