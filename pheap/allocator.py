@@ -888,40 +888,7 @@ class Allocator:
             raise bad(152, f"hole_from {w[H_HOLE_FROM]} past the bitmap offset {self._bmo}")
 
         # 1. The boundary-tag walk.
-        free_blocks: dict[int, int] = {}
-        used_blocks: set[int] = set()
-        b = _BLOCKS_OFF
-        prev_free = False
-        span = max(brk - _BLOCKS_OFF, 1)
-        tick = 0
-        while b < brk:
-            if progress is not None:
-                tick += 1
-                if tick & 0xFFFF == 0:
-                    progress(0.8 * (b - _BLOCKS_OFF) / span)  # the walk is most of the work
-            hdr = w[b >> 3]
-            size = hdr & -8
-            if size < MIN_BLOCK or b + size > brk:
-                raise bad(b, f"block size {size} (header {hdr:#x}) below {MIN_BLOCK} or past "
-                             f"brk {brk}")
-            if bool(hdr & PREV_FREE) != prev_free:
-                raise bad(b, f"PREV_FREE bit is {bool(hdr & PREV_FREE)} but the previous block "
-                             f"is {'free' if prev_free else 'used'}")
-            if hdr & FREE:
-                if prev_free:
-                    raise bad(b, "two adjacent free blocks (missed coalesce)")
-                if w[(b + size >> 3) - 1] != size:
-                    raise bad(b, f"free block footer {w[(b + size >> 3) - 1]} != size {size}")
-                free_blocks[b] = size
-                prev_free = True
-            else:
-                if hdr & RELEASED:
-                    raise bad(b, "RELEASED flag on a used block")
-                used_blocks.add(b)
-                prev_free = False
-            b += size
-        if prev_free:
-            raise bad(b, "the block below brk is free (it should have merged into the wilderness)")
+        free_blocks, used_blocks = self.check_tags(progress)
 
         # 2. The allocation bitmap agrees with the walk.
         bm_words = F.bitmap_bytes(cap) >> 3
@@ -993,6 +960,57 @@ class Allocator:
             raise bad(lost, "free block is in no bin")
         if progress is not None:
             progress(1.0)
+
+    def check_tags(self, progress: Callable[[float], None] | None = None
+                   ) -> tuple[dict[int, int], set[int]]:
+        """Walk the boundary tags alone (the truth); return (free blocks by size, used blocks).
+
+        Raises CorruptHeapError naming the first bad tag. Reads only. O(blocks).
+        """
+        w = self._w
+        brk = w[H_BRK]
+
+        def bad(off: int, msg: str) -> CorruptHeapError:
+            return CorruptHeapError(f"offset {off}: {msg}")
+
+        if not _BLOCKS_OFF <= brk <= self._bmo or brk & 7:
+            raise bad(136, f"brk {brk} outside [{_BLOCKS_OFF}, {self._bmo}] or misaligned")
+        free_blocks: dict[int, int] = {}
+        used_blocks: set[int] = set()
+        b = _BLOCKS_OFF
+        prev_free = False
+        span = max(brk - _BLOCKS_OFF, 1)
+        tick = 0
+        while b < brk:
+            if progress is not None:
+                tick += 1
+                if tick & 0xFFFF == 0:
+                    progress(0.8 * (b - _BLOCKS_OFF) / span)  # the walk is most of the work
+            hdr = w[b >> 3]
+            size = hdr & -8
+            if size < MIN_BLOCK or b + size > brk:
+                raise bad(b, f"block size {size} (header {hdr:#x}) below {MIN_BLOCK} or past "
+                             f"brk {brk}")
+            if bool(hdr & PREV_FREE) != prev_free:
+                raise bad(b, f"PREV_FREE bit is {bool(hdr & PREV_FREE)} but the previous block "
+                             f"is {'free' if prev_free else 'used'}")
+            if hdr & FREE:
+                if prev_free:
+                    raise bad(b, "two adjacent free blocks (missed coalesce)")
+                if w[(b + size >> 3) - 1] != size:
+                    raise bad(b, f"free block footer {w[(b + size >> 3) - 1]} != size {size}")
+                free_blocks[b] = size
+                prev_free = True
+            else:
+                if hdr & RELEASED:
+                    raise bad(b, "RELEASED flag on a used block")
+                used_blocks.add(b)
+                prev_free = False
+            b += size
+        if prev_free:
+            raise bad(b, "the block below brk is free (it should have merged into the wilderness)")
+
+        return free_blocks, used_blocks
 
     def rebuild_bins(self) -> int:
         """Recreate bins, bitmaps and the allocation bitmap from the boundary tags. O(blocks).

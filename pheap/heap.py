@@ -382,6 +382,8 @@ class Heap:
         outer = lk._owner != _get_ident()
         if outer:
             self._acquire()
+        elif self._closed:
+            raise HeapClosedError("the heap is closed")
         try:
             a = self._a
             if self._journaled:
@@ -409,7 +411,7 @@ class Heap:
         True
         """
         a = self._a
-        if self._lock._owner == _get_ident() and not a.pending:
+        if self._lock._owner == _get_ident() and not a.pending and not self._closed:
             # Fast path: lock already held by this thread (inside ``with heap.lock()``).
             if not self._journaled:
                 return a.malloc(n)
@@ -431,7 +433,7 @@ class Heap:
         An offset that is not a live block raises InvalidPointerError and changes nothing.
         """
         a = self._a
-        if self._lock._owner == _get_ident() and not a.pending:
+        if self._lock._owner == _get_ident() and not a.pending and not self._closed:
             if not self._journaled:
                 a.free(off)
             else:
@@ -586,9 +588,10 @@ class Heap:
         """Make a damaged heap whole where its boundary tags allow; return what was done.
 
         Taking the lock already undid any operation or transaction a dead process left in the
-        journal. If check() still fails, the bins, bitmaps and allocation bitmap are rebuilt from
-        the tags (the tags are the truth). If it fails after that, the tags themselves are
-        damaged: CorruptHeapError, and the file is left for a person (``pheap walk`` shows where).
+        journal. If check() still fails and the boundary tags (the truth) are sound, the bins,
+        bitmaps and allocation bitmap are rebuilt from them. If the tags themselves are damaged,
+        CorruptHeapError names the first bad one and nothing is changed: the file is left for a
+        person (``pheap walk`` shows where).
         O(blocks). Back the file up first: ``pheap repair --backup`` does.
         """
         with self._locked():
@@ -597,6 +600,7 @@ class Heap:
                 return "sound: nothing to repair"
             except CorruptHeapError as e:
                 first = str(e)
+            self._a.check_tags()  # damaged tags: raise before changing anything
             n = self._a.rebuild_bins()
             self._a.check()
             return f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"

@@ -156,8 +156,11 @@ class HeapLock:
             self.on_release()
         finally:
             self._owner = 0
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._tlock.release()
+            try:
+                if not self._closed:  # closed while held: the descriptor is gone already
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                self._tlock.release()
 
     def _after_fork_in_child(self) -> None:
         # The child has one thread and none of the parent's holds; give it a fresh thread lock and

@@ -100,6 +100,13 @@ class Region:
         if not self.growable:
             raise HeapFullError(f"a {self.kind} heap of {self.size} bytes cannot grow to "
                                 f"{new_size}")
+        if self.kind == "memfd":
+            # A memfd lives in memory: posix_fallocate takes RAM at once, and asking for more
+            # than there is would summon the OOM killer instead of raising.
+            avail = available_memory()
+            if avail is not None and new_size - self.size > avail:
+                raise HeapFullError(f"growing this memfd heap by {new_size - self.size} bytes "
+                                    f"needs more than the {avail} bytes of memory available")
         allocate(self.fd, self.size, new_size - self.size)
 
     def remap(self, new_size: int) -> None:
@@ -173,6 +180,18 @@ class Region:
             except OSError:
                 pass
         self.fd = -1
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def allocate(fd: int, off: int, n: int) -> None:
