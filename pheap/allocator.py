@@ -60,7 +60,11 @@ from .region import Region
 # Tunables: safe to change, the format does not depend on them.
 # ---------------------------------------------------------------------------------------------
 
-RELEASE_THRESHOLD: Final = 128 * 1024  #: free areas this large give pages back (glibc: 128 KiB)
+RELEASE_THRESHOLD: Final = 128 * 1024  #: a freed block this large gives its pages back (glibc's
+#: mmap threshold); smaller frees never cost a syscall
+TRIM_THRESHOLD: Final = 256 * 1024  #: dirty wilderness above brk this large is given back ...
+TOP_PAD: Final = 64 * 1024  #: ... except this much just above brk, which the next mallocs reuse
+#: (glibc's trim threshold and top pad: hysteresis, so a heap that breathes does not thrash)
 GROW_FACTOR_NUM: Final = 3  #: capacity grows to at least 3/2 of itself: amortised O(1) growth
 GROW_FACTOR_DEN: Final = 2  #: (denominator of the growth factor)
 GROW_GRANULE: Final = 64 * 1024  #: capacities are multiples of this many bytes
@@ -278,25 +282,36 @@ class Allocator:
         if s < 32:
             s = 32
         w = self._w
-        # Search: round the size up to a class boundary so any block of the found bin fits.
+        b = 0
         if s < 256:
             fl = 0
             sl = s >> 3
         else:
-            t = s + (1 << (s.bit_length() - 6)) - 1
-            bl = t.bit_length() - 1
+            # Better fit first: the head of the size's own class, if it is large enough. O(1).
+            bl = s.bit_length() - 1
             fl = bl - 7
-            sl = (t >> (bl - 5)) & 31
-        m = w[C_SL_BITMAP + fl] & (-1 << sl)
-        if not m:
-            m = w[C_FL_BITMAP] & (-1 << (fl + 1))
+            sl = (s >> (bl - 5)) & 31
+            h = C_HEADS + (fl << 5) + sl
+            b = w[h]
+            if b and w[b >> 3] & -8 < s:
+                b = 0
+            if not b:  # search from the next class: every block there fits
+                t = s + (1 << (bl - 5)) - 1
+                bl = t.bit_length() - 1
+                fl = bl - 7
+                sl = (t >> (bl - 5)) & 31
+        if not b:
+            # Search: the first non-empty bin at or above (fl, sl), through the two bitmaps.
+            m = w[C_SL_BITMAP + fl] & (-1 << sl)
             if not m:
-                return self._from_wilderness(s)
-            fl = (m & -m).bit_length() - 1
-            m = w[C_SL_BITMAP + fl]
-        sl = (m & -m).bit_length() - 1
-        h = C_HEADS + (fl << 5) + sl
-        b = w[h]
+                m = w[C_FL_BITMAP] & (-1 << (fl + 1))
+                if not m:
+                    return self._from_wilderness(s)
+                fl = (m & -m).bit_length() - 1
+                m = w[C_SL_BITMAP + fl]
+            sl = (m & -m).bit_length() - 1
+            h = C_HEADS + (fl << 5) + sl
+            b = w[h]
         bi = b >> 3
         hdr = w[bi]
         if hdr & RELEASED:  # pages of this block went back to the OS: back them first
@@ -439,8 +454,8 @@ class Allocator:
         size = hdr & -8
         nb = b + size
         brk = w[H_BRK]
-        if size < 32 or nb > brk or size >= _PAGE:
-            return self._free_block(b)  # a corrupt header, or a block that may release pages
+        if size < 32 or nb > brk or size >= RELEASE_THRESHOLD:
+            return self._free_block(b)  # a corrupt header, or a block that releases pages
         released = 0
         if hdr & PREV_FREE:
             psize = w[bi - 1]
@@ -473,7 +488,7 @@ class Allocator:
             w[H_BRK] = b
             if released and w[H_HOLE_FROM] > b:
                 w[H_HOLE_FROM] = b  # the merged block had pages without disk blocks
-            if w[H_ZERO_FROM] - b >= RELEASE_THRESHOLD:
+            if w[H_ZERO_FROM] - b >= TRIM_THRESHOLD:
                 self.pending.append((0, b))
             return None
         ni = nb >> 3
@@ -553,7 +568,7 @@ class Allocator:
             w[H_BRK] = b
             if released and w[H_HOLE_FROM] > b:
                 w[H_HOLE_FROM] = b  # the merged block had pages without disk blocks
-            if w[H_ZERO_FROM] - b >= RELEASE_THRESHOLD:
+            if w[H_ZERO_FROM] - b >= TRIM_THRESHOLD:
                 self.pending.append((0, b))
             return
         nhdr = w[nb >> 3]
@@ -564,7 +579,7 @@ class Allocator:
             size += nsize
         else:
             w[nb >> 3] = nhdr | PREV_FREE
-        if size >= RELEASE_THRESHOLD and freed_end - freed_start >= F.PAGE:
+        if freed_end - freed_start >= RELEASE_THRESHOLD:
             self.pending.append((b, size))
         w[b >> 3] = size | FREE | released
         w[(b + size >> 3) - 1] = size
@@ -597,11 +612,11 @@ class Allocator:
         return total
 
     def _release_wilderness(self, brk: int) -> int:
-        """Give back the pages between brk and zero_from; they read as zero afterwards."""
+        """Give back the pages between brk + TOP_PAD and zero_from; they read as zero after."""
         w = self._w
         if w[H_BRK] != brk:
             return 0  # the wilderness moved since this release was queued
-        start = F.round_up(brk, F.PAGE)
+        start = F.round_up(brk + TOP_PAD, F.PAGE)
         end = w[H_ZERO_FROM]
         if end <= start:
             return 0
@@ -1297,4 +1312,5 @@ for _name in JOURNALED_METHODS:
     setattr(JournaledAllocator, _name, _journaled_version(getattr(Allocator, _name)))
 del _name
 
-__all__ = ["Allocator", "JournaledAllocator", "BlockInfo", "HeapStats", "RELEASE_THRESHOLD"]
+__all__ = ["Allocator", "JournaledAllocator", "BlockInfo", "HeapStats", "RELEASE_THRESHOLD",
+           "TRIM_THRESHOLD", "TOP_PAD"]
