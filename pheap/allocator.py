@@ -127,6 +127,7 @@ class Allocator:
         self._bmw = self._bmo >> 3
         self._gen = self._w[H_GENERATION]
         self.pending: list[tuple[int, int]] = []  #: page releases queued until commit
+        self._grown_zero_from = 0  # zero_from the last growth needed (calloc reads it)
 
     # -- mapping bookkeeping ---------------------------------------------------------------
 
@@ -208,6 +209,23 @@ class Allocator:
         end = b + size
         return size >= MIN_BLOCK and end <= self._w[H_BRK] and self._w[(end >> 3) - 1] == size
 
+    def is_live(self, p: int) -> bool:
+        """Whether ``p`` is the payload offset of a live block. O(1)."""
+        try:
+            self._live(p)
+        except InvalidPointerError:
+            return False
+        return True
+
+    def _live_unchecked(self, p: int) -> int:
+        """Like _live, but the transaction log block counts as live."""
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
+            raise self._bad_pointer(p)
+        b = p - 8
+        if not (self._w[self._bmw + (b >> 9)] >> ((b >> 3) & 63)) & 1:
+            raise self._bad_pointer(p)
+        return b
+
     def _live(self, p: object) -> int:
         """Block offset of the live block whose payload is ``p``; InvalidPointerError otherwise."""
         if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
@@ -215,6 +233,8 @@ class Allocator:
         b = p - 8
         if not (self._w[self._bmw + (b >> 9)] >> ((b >> 3) & 63)) & 1:
             raise self._bad_pointer(p)
+        if p == self._w[F.H_TXLOG]:
+            raise InvalidPointerError(f"invalid offset {p}: it is the transaction log block")
         return b
 
     # -- bins ----------------------------------------------------------------------------------
@@ -398,20 +418,24 @@ class Allocator:
         max_size = w[H_MAX_SIZE]
         new_cap = F.round_up(max(cap * GROW_FACTOR_NUM // GROW_FACTOR_DEN,
                                  need_end + need_end // 64 + 2 * F.PAGE), GROW_GRANULE)
-        while F.bitmap_off(new_cap) < need_end:
+        # The new bitmap must lie past the old capacity: until the capacity word commits the
+        # growth, the old bitmap is the live one and must stay intact.
+        floor = max(need_end, cap)
+        while F.bitmap_off(new_cap) < floor:
             new_cap += GROW_GRANULE
         if max_size and new_cap > max_size:
             new_cap = max_size & ~(F.PAGE - 1)
-            if F.bitmap_off(new_cap) < need_end:
+            if F.bitmap_off(new_cap) < floor:
                 raise HeapFullError(
-                    f"heap needs {need_end + F.bitmap_bytes(need_end)} bytes of capacity; "
-                    f"max_size is {max_size}")
+                    f"heap needs {floor + F.bitmap_bytes(floor)} bytes of capacity to reach "
+                    f"{need_end}; max_size is {max_size}")
         if not r.growable:
             raise HeapFullError(
                 f"{r.kind} heap is full: {need_end - w[H_BRK]} more bytes needed at brk "
                 f"{w[H_BRK]}, capacity {cap} is fixed")
         # Crash window: extend() only lengthens the file; until capacity is written below nothing
         # refers to the new bytes, so a crash here leaves a longer file and an unchanged heap.
+        stale_end = r.file_size()  # bytes past cap may be left from a growth that was undone
         r.extend(new_cap)
         journal.hit("grow")
         r.remap(new_cap)
@@ -423,8 +447,10 @@ class Allocator:
         # old one. The old bitmap's bytes [old_bmo, cap) now lie in the wilderness and are not
         # zero, so zero_from moves past them in the same journaled operation.
         w[H_CAPACITY] = new_cap
-        if w[H_ZERO_FROM] < cap:
-            w[H_ZERO_FROM] = cap
+        zf = min(max(cap, stale_end), self._bmo)
+        self._grown_zero_from = zf
+        if w[H_ZERO_FROM] < zf:
+            w[H_ZERO_FROM] = zf
         w[H_GENERATION] = w[H_GENERATION] + 1
         self._gen = w[H_GENERATION]
 
@@ -446,8 +472,9 @@ class Allocator:
         k = self._bmw + (bi >> 6)
         bit = 1 << (bi & 63)
         x = w[k]
-        if not x & bit:
-            raise self._bad_pointer(p)
+        if not x & bit or p == w[F.H_TXLOG]:
+            raise self._bad_pointer(p) if not x & bit else InvalidPointerError(
+                f"invalid offset {p}: it is the transaction log block")
         w[k] = x ^ bit
         # Inlined _free_block(b) with _insert: worth ~0.3 us a pair (tools/bench_alloc.py churn).
         hdr = w[bi]
@@ -656,14 +683,18 @@ class Allocator:
         zero_from = self._w[H_ZERO_FROM]
         cap = self._cap
         p = self.malloc(total)
-        if self._cap != cap:  # it grew: the old bitmap's bytes [old bitmap, cap) are not zero
-            zero_from = max(zero_from, cap)
+        if self._cap != cap:  # it grew: the old bitmap's bytes (and any stale tail) are dirty
+            zero_from = max(zero_from, self._grown_zero_from)
         end = p + total
         if p < zero_from:
             if self.in_tx:  # the memory may have been a free block when the transaction began
                 self.log_range(p, min(end, zero_from) - p)  # type: ignore[attr-defined]
+            self._guard(p - 8)
             self._memset0(p, min(end, zero_from))
         return p
+
+    def _guard(self, b: int) -> None:
+        """Before this operation writes data into block ``b``: nothing to do without a journal."""
 
     def _memset0(self, start: int, end: int) -> None:
         mm = self._r.mm
@@ -735,6 +766,7 @@ class Allocator:
         q = self.malloc(n)  # may grow and remap
         if self.in_tx:  # q may have been a free block when the transaction began: its links
             self.log_range(q, size - 8)  # type: ignore[attr-defined]
+        self._guard(q - 8)
         self._r.mm.move(q, p, size - 8)
         self.free(p)
         return q
@@ -783,6 +815,13 @@ class Allocator:
         if (hdr & -8) - s >= MIN_BLOCK:
             self._split_tail(b, hdr, s)
         return b + 8
+
+    def set_root(self, off: int) -> None:
+        """Point the header's root at live block ``off`` (or 0). O(1)."""
+        if off != 0:
+            self._live(off)
+        w = self._w
+        w[F.H_ROOT] = off
 
     # -- whole-heap operations ---------------------------------------------------------------
 
@@ -1058,7 +1097,7 @@ class Allocator:
 #: to fix, and journaling costs nothing when it is off.
 JOURNALED_METHODS: Final = ("malloc", "_from_wilderness", "_back_wilderness", "_grow", "free",
                             "_free_block", "_insert", "_unlink", "realloc", "_split_tail",
-                            "memalign")
+                            "memalign", "set_root")
 
 
 class _LogWrites(ast.NodeTransformer):
@@ -1125,6 +1164,7 @@ class JournaledAllocator(Allocator):
     durable = False  #: msync before and after every commit word (durability="power")
     tx_brk = 0  #: brk when the open transaction began
     _tx_bmo = 0  #: allocation bitmap offset when the open transaction began
+    _tx_cap = 0  #: capacity when the open transaction began
 
     def __init__(self, region: Region) -> None:
         super().__init__(region)
@@ -1171,7 +1211,10 @@ class JournaledAllocator(Allocator):
         w = self._w
         if self.in_tx:
             start, end = self._opstart, self._jend
-            journal.restore(w, journal.records(w, self._cap >> 3, start, self._jbase, end))
+            records = journal.records(w, self._cap >> 3, start, self._jbase, end)
+            journal.restore(w, records)
+            if records:
+                journal.forget_zeros(w)
             w[start] = 0
             self._jpos = start
             del self.pending[self._oppending:]
@@ -1181,20 +1224,35 @@ class JournaledAllocator(Allocator):
         if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
             self.sync()
 
+    def _guard(self, b: int) -> None:
+        """Journal the words of block ``b`` that an undo needs if ``b`` was free before this
+        operation -- its links and its last word (the old footer) -- before calloc's memset or
+        realloc's copy overwrites them without records."""
+        w = self._w
+        bi = b >> 3
+        for i in (bi + 1, bi + 2, bi + ((w[bi] & -8) >> 3) - 1):
+            self._jset(i, w[i])
+
     # -- transactions ------------------------------------------------------------------------
 
     def ensure_txlog(self, nbytes: int) -> None:
         """Make the transaction log block at least ``nbytes`` long (one atomic operation)."""
         w = self._w
         cur = w[F.H_TXLOG]
-        if cur and (w[(cur >> 3) - 1] & -8) - 8 >= nbytes:
-            return
+        if cur:
+            try:
+                self._live_unchecked(cur)
+            except InvalidPointerError as e:
+                raise CorruptHeapError(f"offset {F.H_TXLOG * 8}: transaction log offset {cur} "
+                                       f"is not a live block ({e})") from None
+            if (w[(cur >> 3) - 1] & -8) - 8 >= nbytes:
+                return
         self.begin()
         try:
             new = self.malloc(nbytes)
+            self._jset(F.H_TXLOG, new)
             if cur:
                 self.free(cur)
-            self._jset(F.H_TXLOG, new)
         except BaseException:
             self.rollback()
             raise
@@ -1209,6 +1267,7 @@ class JournaledAllocator(Allocator):
         w[self._jbase] = 0
         self.tx_brk = w[H_BRK]  # bytes in [tx_brk, _tx_bmo) were in no live block when it began
         self._tx_bmo = self._bmo
+        self._tx_cap = self._cap
         w[_J_STATE] = F.J_TX  # from here a crash undoes the transaction
         self._jpos = self._jbase
         self.in_tx = True
@@ -1230,12 +1289,21 @@ class JournaledAllocator(Allocator):
 
     def tx_abort(self) -> None:
         """Undo everything the transaction did, last first."""
-        journal.undo(self._w, self._cap >> 3)
-        self.pending.clear()
-        self._tx_end()
+        try:
+            journal.undo(self._w, self._cap >> 3)
+        finally:
+            self.pending.clear()
+            self._tx_end()
         w = self._w
         if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
             self.sync()
+
+    def txlog_span(self) -> tuple[int, int]:
+        """Byte range [start, end) of the transaction log block, header included ((0, 0): none)."""
+        p = self._w[F.H_TXLOG]
+        if not p:
+            return 0, 0
+        return p - 8, p - 8 + (self._w[(p >> 3) - 1] & -8)
 
     def _tx_end(self) -> None:
         self.in_tx = False
@@ -1247,16 +1315,16 @@ class JournaledAllocator(Allocator):
 
         Bytes that were wilderness when the transaction began -- [tx_brk, bitmap offset then) --
         are not recorded: they were in no live block, and an undo frees whatever the
-        transaction allocated there. (Bytes past that are the old allocation bitmap if the heap
-        grew inside the transaction: they are recorded.)
+        transaction allocated there; nor are bytes past the capacity it began with. The old
+        allocation bitmap in between, if the heap grew inside the transaction, is recorded.
         """
-        lo, hi = self.tx_brk, self._tx_bmo
+        lo, hi, cap = self.tx_brk, self._tx_bmo, self._tx_cap
         end = off + n
         if off < lo:
             self._log_bytes(off, min(end, lo) - off)
-        if end > hi:
+        if end > hi and off < cap:  # the old bitmap, if the heap grew; past it was no heap
             start = max(off, hi)
-            self._log_bytes(start, end - start)
+            self._log_bytes(start, min(end, cap) - start)
 
     def _log_bytes(self, off: int, n: int) -> None:
         w = self._w

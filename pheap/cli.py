@@ -55,11 +55,23 @@ def _pending_journal(path: str) -> int:
         if not state:
             return 0
         (cap,) = struct.unpack_from("<Q", head, F.H_CAPACITY * 8)
-        region = Region.open_file(path, min(cap, os.fstat(fd).st_size), readonly=True)
+        region = Region.open_file(path, os.fstat(fd).st_size & ~(F.PAGE - 1), readonly=True)
         try:
             return max(1, len(pending_entries(region.w, region.size >> 3)))
+        except CorruptHeapError:
+            return -1  # a journal that cannot be replayed: repair discards it
         finally:
             region.close()
+    finally:
+        os.close(fd)
+
+
+def _discard_journal(path: str) -> None:
+    """Mark the journal empty without replaying it (repair of a damaged journal)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, struct.pack("<Q", 0), F.J_STATE * 8)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -129,6 +141,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     pending = _pending_journal(args.file)
+    if pending < 0:
+        print(f"{args.file}: DAMAGED: the journal holds records that cannot be replayed; "
+              "`pheap repair --backup` discards it", file=sys.stderr)
+        return EXIT_DAMAGED
     if pending:
         print(f"{args.file}: NEEDS RECOVERY: a process died inside an operation; the journal "
               f"holds {pending} undo records. Opening it read-write (or `pheap repair`) undoes "
@@ -164,7 +180,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(f"{args.file}: sound, nothing to repair")
             return EXIT_OK
     plan = []
-    if pending:
+    if pending < 0:
+        plan.append("discard the journal, whose records cannot be replayed")
+    elif pending:
         plan.append(f"undo the operation a dead process left in the journal ({pending} "
                     "records)")
     if damage:
@@ -181,8 +199,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
         shutil.copyfile(args.file, backup)
         print(f"backup written to {backup}")
     try:
-        with _open(args.file, "w") as h:  # opening read-write undoes the journal
-            report = h.repair()
+        try:
+            with _open(args.file, "w") as h:  # opening read-write undoes the journal
+                report = h.repair()
+        except CorruptHeapError as e:
+            if "journal" not in str(e):
+                raise
+            # The journal itself is damaged: it cannot be replayed, so it is discarded (the
+            # operation it described stays half done; the rebuild below indexes what the tags say).
+            _discard_journal(args.file)
+            print(f"{args.file}: discarded a damaged journal ({e})")
+            with _open(args.file, "w") as h:
+                report = h.repair()
     except CorruptHeapError as e:
         print(f"{args.file}: still damaged after repair: {e}", file=sys.stderr)
         return EXIT_UNREPAIRED
@@ -245,6 +273,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workers, args.records, args.path)
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pheap", description="Inspect, check and repair pheap heap "
                                 "files, or run the demo.")
@@ -277,12 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("walk", help="list blocks: offset, size, used/free")
     s.add_argument("file")
     s.add_argument("--free", action="store_true", help="free blocks only")
-    s.add_argument("--limit", type=int, default=0, help="stop after N blocks")
+    s.add_argument("--limit", type=_positive, default=0, help="stop after N blocks")
     s.set_defaults(func=cmd_walk)
 
     s = sub.add_parser("map", help="draw the block area")
     s.add_argument("file")
-    s.add_argument("--width", type=int, default=160, help="characters (default 160)")
+    s.add_argument("--width", type=_positive, default=160, help="characters (default 160)")
     s.set_defaults(func=cmd_map)
 
     s = sub.add_parser("demo", help="worker processes share one persistent heap")

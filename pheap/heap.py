@@ -171,7 +171,7 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
     a temporary name and linked into place, so processes racing to create ``path`` all end up
     with the one complete heap. Opening is O(1): the header is validated, nothing is scanned.
     """
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))  # pickled handles re-open it from anywhere
     if flag not in ("r", "w", "c", "n"):
         raise ValueError(f"flag must be 'r', 'w', 'c' or 'n', not {flag!r}")
     if flag in ("c", "n"):
@@ -288,6 +288,7 @@ class Heap:
         self._lock = HeapLock(lambda: os.open(_proc_fd(src), flags), shared=self.readonly)
         self._lock.on_acquire = self._on_acquire
         self._lock.on_release = self._on_release
+        self._lock.on_fork_child = self._after_fork_in_child
         if self.readonly:
             for name in _MUTATORS:
                 setattr(self, name, self._read_only_op(name))
@@ -326,6 +327,14 @@ class Heap:
         w[F.H_OWNER_PID] = self._lock.pid
         w[F.H_OWNER_STATE] = self._held_state
 
+    def _after_fork_in_child(self) -> None:
+        # A child forked inside a transaction or a lock hold of its parent is in neither: it
+        # takes the lock afresh, and its operations journal on their own.
+        a = self._a
+        if a.in_tx:
+            a._tx_end()  # type: ignore[attr-defined]
+        a.pending.clear()
+
     def _on_release(self) -> None:
         if self.readonly or self._closed:
             return
@@ -343,17 +352,26 @@ class Heap:
         ``with heap.lock():``) left nothing to do but count the recovery.
         """
         a = self._a
+        r = self._region
         w = a._w
         state = w[F.H_OWNER_STATE]
-        journal.undo(w, a._cap >> 3)
-        a.sync()  # the undo may have restored a smaller capacity
+        if w[F.J_STATE]:
+            # Records may name words past the capacity the header shows now (a growth whose
+            # capacity word an earlier, interrupted recovery already put back): map the whole
+            # file so that every record can be checked and restored again.
+            fsize = r.file_size() & ~(F.PAGE - 1)
+            if fsize > r.size:
+                r.remap(fsize)
+                a._adopt()
+            journal.undo(a._w, r.size >> 3)
+            a._gen = -1  # force the remap to the restored capacity
+        a.sync()
         w = a._w
         if state == F.STATE_IN_OP_UNJOURNALED:
-            try:
-                a.check()
-            except CorruptHeapError:
-                a.rebuild_bins()
-                a.check()  # still damaged: the tags themselves; `pheap repair` reports it
+            # No journal: the tags are the truth; rebuild the index over them. Damaged tags
+            # raise CorruptHeapError (`pheap repair` reports where).
+            a.check_tags()
+            a.rebuild_bins()
         w[F.H_RECOVERIES] += 1
         w[F.H_OWNER_STATE] = F.STATE_IDLE
 
@@ -551,11 +569,16 @@ class Heap:
 
     # -- data access -------------------------------------------------------------------------
 
-    def _span(self, off: int, n: int) -> None:
+    def _span(self, off: int, n: int, writing: bool = False) -> None:
         if type(off) is not int or type(n) is not int or off < F.BLOCKS_OFF or n < 0 \
                 or off + n > self._a._bmo:
             raise InvalidPointerError(f"range [{off}, {off}+{n}) is outside the block area "
                                       f"[{F.BLOCKS_OFF}, {self._a._bmo})")
+        if writing and self._journaled:
+            lo, hi = self._a.txlog_span()  # type: ignore[attr-defined]
+            if off < hi and off + n > lo:
+                raise InvalidPointerError(f"range [{off}, {off}+{n}) overlaps the transaction "
+                                          f"log block [{lo}, {hi})")
 
     def read(self, off: int, n: int) -> bytes:
         """Copy ``n`` bytes at ``off`` out of the heap. O(n)."""
@@ -570,7 +593,7 @@ class Heap:
         """
         with self._locked():
             n = len(memoryview(data).cast("B"))
-            self._span(off, n)
+            self._span(off, n, True)
             if self._a.in_tx:
                 self._a.log_range(off, n)  # type: ignore[attr-defined]
             self._region.mm[off:off + n] = data
@@ -582,7 +605,7 @@ class Heap:
         released). Writes through it are not locked: hold ``heap.lock()`` if others may write.
         """
         with self._locked():
-            self._span(off, n)
+            self._span(off, n, not self.readonly)
             return memoryview(self._region.mm)[off:off + n]
 
     # -- root --------------------------------------------------------------------------------
@@ -597,10 +620,7 @@ class Heap:
     def root(self, off: int) -> None:
         if self.readonly:
             raise ReadOnlyError("cannot set the root of a heap opened read-only")
-        with self._locked():
-            if off != 0:
-                self._a._live(off)
-            self._a._w[F.H_ROOT] = off
+        self._op(self._a.set_root, off)  # journaled: undone with its transaction
 
     # -- whole-heap operations ---------------------------------------------------------------
 
@@ -641,15 +661,33 @@ class Heap:
                 return "sound: nothing to repair"
             except CorruptHeapError as e:
                 first = str(e)
-            self._a.check_tags()  # damaged tags: raise before changing anything
-            n = self._a.rebuild_bins()
+            n = self._rebuild()
+            w = self._a._w
+            done = f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"
+            root = w[F.H_ROOT]
+            if root and not self._a.is_live(root):
+                self._op(self._a.set_root, 0)
+                done += f"; the root pointed at {root}, which is not a live block: cleared"
             self._a.check()
-            return f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"
+            return done
 
     def rebuild_bins(self) -> int:
         """Recreate the bins and bitmaps from the boundary tags; return the free block count."""
         with self._locked():
-            return self._a.rebuild_bins()
+            return self._rebuild()
+
+    def _rebuild(self) -> int:
+        """rebuild_bins under the lock, marked so that a crash half way is rebuilt again."""
+        a = self._a
+        if a.in_tx:
+            raise PheapError("rebuild_bins()/repair() inside a transaction: its undo could not "
+                             "restore what the rebuild rewrites; call it after the commit")
+        a.check_tags()  # damaged tags: raise before changing anything
+        w = a._w
+        w[F.H_OWNER_STATE] = F.STATE_IN_OP_UNJOURNALED  # a crash from here: check + rebuild
+        n = a.rebuild_bins()
+        w[F.H_OWNER_STATE] = self._held_state
+        return n
 
     def trim(self) -> int:
         """Give the pages of the wilderness and of large free blocks back to the OS; return the
@@ -814,12 +852,17 @@ class Transaction:
         h = self._heap
         if not self._entered:
             raise PheapError("add_range() outside the transaction's with-block")
-        h._span(off, n)
+        h._span(off, n, True)
         h._a.log_range(off, n)  # type: ignore[attr-defined]
 
     def __exit__(self, et: object, ev: object, tb: object) -> None:
         h = self._heap
         a = h._a
+        if h._closed:
+            self._entered = False
+            h._lock.release()
+            raise HeapClosedError("the heap was closed inside a transaction: it was not "
+                                  "committed, and the next process to open the heap undoes it")
         try:
             if self._outer:
                 if et is None:

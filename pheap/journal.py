@@ -138,7 +138,13 @@ def records(w: memoryview, words: int, p: int, start: int,
         if i >= words or F.H_JOURNAL <= i < F.J_END or i < F.H_CAPACITY or start <= i < end:
             raise CorruptHeapError(f"offset {p * 8}: journal record names word {i}, outside "
                                    "what an operation may change")
-        out.append((i, w[p + 1], None))
+        old = w[p + 1]
+        if i == F.H_CAPACITY and (old % F.PAGE or not F.min_capacity() <= old <= words * 8) or \
+                i == F.H_BRK and (old & 7 or not F.BLOCKS_OFF <= old <= words * 8):
+            raise CorruptHeapError(f"offset {p * 8}: journal record would restore "
+                                   f"{'capacity' if i == F.H_CAPACITY else 'brk'} = {old}, "
+                                   "which no heap of this file can have")
+        out.append((i, old, None))
         p += 2
     return out
 
@@ -154,8 +160,19 @@ def undo(w: memoryview, words: int) -> int:
         return 0
     armed = bool(_points)
     restore(w, entries, armed)
+    if entries:
+        forget_zeros(w)
     w[F.J_STATE] = 0
     return len(entries)
+
+
+def forget_zeros(w: memoryview) -> None:
+    """After an undo, trust no zeros: the undone work may have written above brk (a copy, a
+    memset, transaction data) without records, and zero_from was put back under those bytes.
+    Moving zero_from up to the bitmap is always safe; the next wilderness release lowers it."""
+    cap = w[F.H_CAPACITY]
+    if cap >= F.min_capacity() and cap % F.PAGE == 0:
+        w[F.H_ZERO_FROM] = F.bitmap_off(cap)
 
 
 def restore(w: memoryview, records: list[tuple[int, int, bytes | None]],

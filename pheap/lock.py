@@ -59,7 +59,7 @@ class HeapLock:
     """
 
     __slots__ = ("_fd", "_reopen", "_tlock", "_owner", "_depth", "_shared", "on_acquire",
-                 "on_release", "_closed", "pid", "__weakref__")
+                 "on_release", "on_fork_child", "_closed", "pid", "__weakref__")
 
     def __init__(self, reopen: Callable[[], int], *, shared: bool = False) -> None:
         self._fd = reopen()
@@ -72,6 +72,7 @@ class HeapLock:
         self.pid = os.getpid()  #: this process's pid, refreshed in forked children
         self.on_acquire: Callable[[], None] = _nothing
         self.on_release: Callable[[], None] = _nothing
+        self.on_fork_child: Callable[[], None] = _nothing  #: runs in a forked child
         _live_locks.add(self)
 
     @property
@@ -172,6 +173,10 @@ class HeapLock:
         self.pid = os.getpid()
         if self._closed:
             return
+        try:
+            self.on_fork_child()
+        except Exception:
+            pass
         old = self._fd
         try:
             self._fd = self._reopen()

@@ -107,7 +107,17 @@ class Region:
             if avail is not None and new_size - self.size > avail:
                 raise HeapFullError(f"growing this memfd heap by {new_size - self.size} bytes "
                                     f"needs more than the {avail} bytes of memory available")
-        allocate(self.fd, self.size, new_size - self.size)
+        before = self.file_size()
+        try:
+            allocate(self.fd, self.size, new_size - self.size)
+        except HeapFullError:
+            # posix_fallocate may have taken some blocks before it failed: give them back, so a
+            # failed growth leaves the disk as it found it (nothing maps past the old size).
+            try:
+                os.ftruncate(self.fd, before)
+            except OSError:
+                pass
+            raise
 
     def remap(self, new_size: int) -> None:
         """Map ``new_size`` bytes (the backing must already be that long). Old views stay valid."""
