@@ -9,7 +9,8 @@ Growth never resizes a mapping in place (``mmap.resize`` raises ``BufferError`` 
 memoryview of it exists). It extends the backing with ``posix_fallocate`` -- so a full disk is a
 :class:`HeapFullError` now, not a SIGBUS later -- and maps the larger size beside the old mapping.
 The old mapping stays open while callers still hold memoryviews of it (both map the same pages, so
-those views keep working and writes show through); it is closed as soon as it has no exports.
+those views keep working and writes show through); it is closed at the next remap or close after
+its last view is released.
 """
 
 from __future__ import annotations
