@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -30,3 +32,18 @@ def any_heap(request, tmp_path) -> Iterator[pheap.Heap]:
     if not h.closed:
         h.check()
         h.close()
+
+
+def reap(pid: int, timeout: float = 30.0) -> int:
+    """Wait for child ``pid`` and return its exit code (-signal when killed); a child still
+    running after ``timeout`` seconds is SIGKILLed and the test fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not finish within {timeout} s")
+        time.sleep(0.005)

@@ -4,7 +4,6 @@ sharing, refusing foreign or damaged files without touching them, closing, and t
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import struct
 import subprocess
@@ -14,6 +13,7 @@ import time
 import pytest
 
 import pheap
+from conftest import reap
 from pheap import (
     CorruptHeapError,
     FormatError,
@@ -71,19 +71,6 @@ def fork(fn) -> int:
         finally:
             os._exit(code if isinstance(code, int) else 98)
     return pid
-
-
-def reap(pid: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child {pid} did not finish within {timeout} s")
-        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import pheap
+from conftest import reap
 from pheap import format as F
 
 COUNTER = struct.Struct("<Q")
@@ -46,19 +47,6 @@ def _fork(fn) -> int:
     return pid
 
 
-def _reap(pid: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child {pid} did not finish in {timeout} s")
-        time.sleep(0.005)
-
-
 def test_threads_exclude_each_other(tmp_path):
     h = _make("file", tmp_path)
     off = h.calloc(1, 8)
@@ -80,7 +68,7 @@ def test_forked_processes_exclude_each_other(kind, tmp_path):
     off = h.calloc(1, 8)
     pids = [_fork(lambda: _bump(h, off, 400)) for _ in range(4)]
     _bump(h, off, 400)
-    assert [_reap(p) for p in pids] == [0, 0, 0, 0]
+    assert [reap(p) for p in pids] == [0, 0, 0, 0]
     assert COUNTER.unpack(h.read(off, 8))[0] == 2000
     h.check()
     h.close()
@@ -120,7 +108,7 @@ def test_timeout_names_the_holder(tmp_path):
         assert f"pid {pid}" in str(ei.value)
     finally:
         os.kill(pid, signal.SIGKILL)
-        _reap(pid)
+        reap(pid)
     # The kernel dropped the dead holder's lock: we get it at once, and recovery ran.
     with h.lock(timeout=1.0):
         pass
@@ -146,7 +134,7 @@ def test_sigkilled_holder_does_not_block_others(kind, tmp_path):
     pid = _fork(die_holding)
     assert os.read(r, 1) == b"x"
     os.kill(pid, signal.SIGKILL)
-    assert _reap(pid) == -signal.SIGKILL
+    assert reap(pid) == -signal.SIGKILL
     with h.lock(timeout=1.0):  # the kernel released the dead holder's flock: no wait
         a = h.malloc(64)
     info = h.info()
