@@ -843,12 +843,14 @@ class Allocator:
             # Ordered so that a crash at any point leaves only conservative state behind.
             if w[H_HOLE_FROM] > start:
                 w[H_HOLE_FROM] = start
+            journal.hit("release")
             if self._zero_range(start, self._bmo):
                 total += self._bmo - start
                 if w[H_ZERO_FROM] > start:
                     w[H_ZERO_FROM] = start
         for b, size in self._free_list_blocks(2 * F.PAGE):
             w[b >> 3] |= RELEASED
+            journal.hit("release")
             if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
                 total += size - MIN_BLOCK - 8
         return total

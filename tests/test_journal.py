@@ -701,3 +701,30 @@ def test_pickled_handle_of_a_relative_path_survives_chdir(tmp_path, monkeypatch)
     assert h2.path == str(tmp_path / "rel.heap")
     h2.close()
     h.close()
+
+
+def test_crash_at_every_point_of_trim_leaves_the_heap_as_it_was(tmp_path):
+    """trim() changes no block, bin or live byte -- only page backing and conservative
+    watermarks -- so a crash anywhere in it must leave exactly the state before it."""
+    pristine = str(tmp_path / "p.heap")
+    with pheap.open(pristine, "n", size=4 << 20) as h:
+        offs = _fill(h, [100, 300_000, 100, 200_000, 100, 50_000, 100])
+        h.free(offs[1])
+        h.free(offs[3])
+        h.free(offs[5])
+        h.free(h.malloc(1 << 20))  # dirty wilderness
+    before = snapshot(pristine)
+    work = str(tmp_path / "w.heap")
+    n = 0
+    while True:
+        n += 1
+        shutil.copyfile(pristine, work)
+        status = run_child(work, lambda h, d: h.trim(), {}, "release", n)
+        assert snapshot(work) == before, f"trim killed at release:{n}"
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL
+    assert n >= 4  # the wilderness and each large free block
+    with pheap.open(work, "w") as h:
+        for i in (0, 2, 4, 6):
+            assert h.read(offs[i], 100) == bytes([i % 250 + 1]) * 100
