@@ -43,7 +43,7 @@ def s_free_block_in_bin(h):  # [a used][b FREE 1000][c used] ...
 
 
 def s_two_in_a_bin(h):  # two free 208 B blocks in one bin: their links and footers matter
-    a, s1, b, s2, g = _fill(h, [200, 8, 200, 8, 64])
+    a, s1, b, s2, g, _guard = _fill(h, [200, 8, 200, 8, 64, 8])  # g cannot grow in place
     h.free(a)
     h.free(b)
     return {"g": g}
