@@ -388,10 +388,11 @@ class Heap:
         except Exception:
             return 0
 
-    def _acquire(self) -> None:
+    def _acquire(self, timeout: float | None) -> None:
+        """Take the heap lock (re-entrant); a closed heap raises HeapClosedError."""
         if self._closed:
             raise HeapClosedError("the heap is closed")
-        self._lock.acquire(self.lock_timeout, self._holder_pid)
+        self._lock.acquire(timeout, self._holder_pid)
 
     # -- allocation --------------------------------------------------------------------------
 
@@ -410,7 +411,7 @@ class Heap:
             if self._closed:
                 raise HeapClosedError("the heap is closed")
             if self.lock_timeout is not None:
-                self._acquire()
+                self._acquire(self.lock_timeout)
             else:
                 inline = True
                 tl = lk._tlock
@@ -829,9 +830,7 @@ class Transaction:
 
     def __enter__(self) -> Transaction:
         h = self._heap
-        if h._closed:
-            raise HeapClosedError("the heap is closed")
-        h._lock.acquire(h.lock_timeout, h._holder_pid)
+        h._acquire(h.lock_timeout)
         a = h._a
         try:
             if not a.in_tx:
@@ -885,9 +884,7 @@ class _LockContext:
 
     def __enter__(self) -> Heap:
         h = self._heap
-        if h._closed:
-            raise HeapClosedError("the heap is closed")
-        h._lock.acquire(self._timeout, h._holder_pid)
+        h._acquire(self._timeout)
         return h
 
     def __exit__(self, *exc: object) -> None:
