@@ -22,11 +22,11 @@ class Store:
     def __init__(self, path: str) -> None:
         self.heap = pheap.open(path, "c")
         with self.heap.transaction():
-            if not self.heap.root:
-                self.heap.root = self.heap.calloc(BUCKETS, 8)
+            if not self.heap.root_offset:
+                self.heap.root_offset = self.heap.calloc(BUCKETS, 8)
 
     def _bucket(self, key: bytes) -> int:
-        return self.heap.root + 8 * (zlib.crc32(key) % BUCKETS)
+        return self.heap.root_offset + 8 * (zlib.crc32(key) % BUCKETS)
 
     def _find(self, key: bytes) -> tuple[int, int]:
         """(address of the link that points at the entry, entry offset or 0)."""

@@ -1,8 +1,9 @@
 """pheap: a persistent, shared-memory heap in pure Python.
 
-A bins-plus-boundary-tag allocator whose whole state lives inside a memory mapping (a file, a
-memfd or an anonymous shared region) and refers to blocks by offset, so every process that maps
-the region sees the same heap, today and after a reopen tomorrow.
+Small slots in runs and large blocks in TLSF bins with boundary tags, whose whole state lives
+inside a memory mapping (a file, a memfd or an anonymous shared region) and refers to blocks by
+offset, so every process that maps the region sees the same heap, today and after a reopen
+tomorrow.
 
 >>> import pheap
 >>> h = pheap.anonymous(1 << 20)
@@ -17,23 +18,30 @@ b'shared'
 from .allocator import BlockInfo, HeapStats
 from .errors import (
     CorruptHeapError,
+    DamagedJournalError,
     FormatError,
     HeapClosedError,
     HeapFullError,
+    HeapInUseError,
     InvalidPointerError,
     InvalidSizeError,
+    JournalFullError,
     LockTimeoutError,
+    NeedsRecoveryError,
+    NotSupportedError,
     PheapError,
     ReadOnlyError,
+    TransactionStateError,
     TransactionTooLargeError,
 )
-from .heap import DEFAULT_SIZE, Heap, Transaction, anonymous, memfd, open
+from .heap import DEFAULT_SIZE, Heap, Session, anonymous, memfd, open
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
     "Heap",
+    "Session",
     "open",
     "anonymous",
     "memfd",
@@ -43,12 +51,17 @@ __all__ = [
     "PheapError",
     "FormatError",
     "CorruptHeapError",
+    "NeedsRecoveryError",
+    "DamagedJournalError",
     "InvalidPointerError",
     "InvalidSizeError",
     "HeapFullError",
+    "JournalFullError",
     "TransactionTooLargeError",
-    "Transaction",
     "LockTimeoutError",
+    "HeapInUseError",
     "ReadOnlyError",
+    "TransactionStateError",
+    "NotSupportedError",
     "HeapClosedError",
 ]

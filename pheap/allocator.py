@@ -1,32 +1,47 @@
-"""Two-level segregated-fit allocator with boundary tags, living entirely inside a mapping.
+"""Small slots in runs, large blocks in two-level segregated-fit bins with boundary tags; all of it
+inside the mapping.
 
-The seeds' ladder to its top: a wilderness extended on demand (``brk``), free blocks in
-size-class bins found in O(1) through two levels of bitmaps (TLSF), boundary tags so that a freed
-block merges with both neighbours in O(1), splitting with a minimum block, and big free areas given
-back to the OS. Layout and flag bits: see :mod:`pheap.format`.
+The seeds' ladder to its top. Large requests (over ``RUN_LIMIT`` = 448 bytes) get blocks: a
+wilderness extended on demand (``brk``), free blocks in size-class bins found in O(1) through two
+levels of bitmaps (TLSF), boundary tags so that a freed block merges with both neighbours in O(1),
+splitting with a minimum block, and big free areas given back to the OS. Small requests get
+*slots* of a run: a page-aligned block of one to four pages holding slots of one size class
+(segregated storage), with a bitmap of free slots and no header per slot. A run's bitmap words
+that have a free slot are linked into their class's list, so a slot is found in O(1); a run
+that empties goes back to the bins (one per class is kept for reuse, so a heap that breathes does
+not thrash). Layout and flag bits: see :mod:`pheap.format`.
 
-All state is in the mapping and every reference is an offset, so any process that maps the region
-sees the same heap. The boundary tags (block headers and footers) are the truth; the bins and
-bitmaps are an index over them that :meth:`Allocator.rebuild_bins` can recreate with one walk.
+All state is in the mapping and every reference is an offset, so any process that maps the
+region sees the same heap. The boundary tags (block headers and footers) and the runs' slot
+bitmaps are the truth; the bins, bin bitmaps, class lists, page map and allocation bitmap are an
+index over them that :meth:`Allocator.rebuild` recreates with one walk.
+
+**Crash safety: every store goes through the journal.** Inside an operation, every word this
+module changes in the mapping is written with ``st(i, v)``, the journal's store (``st =
+self._j.set``): the old value is logged first, so a crash or an exception anywhere leaves the
+heap exactly as before the operation. There is no second, "journaled" copy of the allocator to
+keep in step. Three kinds of code write the mapping without ``st``, each named in
+:data:`UNJOURNALED`, with the reason: the single-word fast paths (one aligned store is atomic by
+itself), work that is marked for recovery in the header instead (``rebuild``), and writes to
+bytes nothing live refers to (growth's new metadata, page release). ``tests/test_allocator.py``
+checks this list against the source.
 
 Costs: ``malloc``, ``free``, ``calloc`` (plus the memset), ``realloc`` in place, ``memalign`` and
-``usable_size`` are O(1) in the number of blocks; ``walk``, ``stats``, ``check`` and ``trim`` are
-O(blocks). Growth copies the allocation bitmap (capacity / 64 bytes) and is amortised by growing
-the capacity geometrically.
+``usable_size`` are O(1) in the number of blocks; ``walk``, ``stats``, ``check``, ``rebuild`` and
+``trim`` are O(blocks). Growth copies the metadata (capacity / 60 bytes) and is amortised by
+growing the capacity geometrically.
 
-Performance notes. ``malloc`` and ``free`` inline the bin arithmetic and link updates that the
-named helpers below spell out; a call costs about 60 ns in CPython and a pair of them was
-measured (tools/bench_alloc.py) to be the largest single cost after the word accesses themselves.
+Performance notes. Python pays ~30 ns a word access and ~50-70 ns a call, so the hot paths are
+written flat: ``malloc``/``free`` of a slot that changes one bitmap word is one plain store with
+no journal (tools/bench_alloc.py: the 24 B pair); the bin arithmetic of the block paths is
+inlined where the churn benchmark showed it pays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Final, NamedTuple
-
-import ast
-import inspect
-import textwrap
+from threading import get_ident
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from . import format as F
 from . import journal
@@ -35,10 +50,11 @@ from .errors import (
     HeapFullError,
     InvalidPointerError,
     InvalidSizeError,
-    PheapError,
-    TransactionTooLargeError,
+    TransactionStateError,
 )
 from .format import (
+    C_CLASS_CACHE,
+    C_CLASS_HEADS,
     C_FL_BITMAP,
     C_HEADS,
     C_SL_BITMAP,
@@ -53,8 +69,12 @@ from .format import (
     MIN_BLOCK,
     PREV_FREE,
     RELEASED,
+    RUN,
 )
-from .region import Region
+
+if TYPE_CHECKING:
+    from .journal import Journal
+    from .region import Region
 
 # ---------------------------------------------------------------------------------------------
 # Tunables: safe to change, the format does not depend on them.
@@ -70,85 +90,136 @@ GROW_FACTOR_DEN: Final = 2  #: (denominator of the growth factor)
 GROW_GRANULE: Final = 64 * 1024  #: capacities are multiples of this many bytes
 BACKING_CHUNK: Final = 256 * 1024  #: when brk passes hole_from, back this much at once
 MAX_ALIGNMENT: Final = F.PAGE  #: memalign accepts powers of two up to the page size
+ALIGNED_PROBES: Final = 8  #: free blocks an aligned allocation looks at before the wilderness
 _ZEROS: Final = bytes(1 << 20)  #: source for memset-by-slice (1 MiB at a time)
 
-_NOT_FLAGS: Final = ~7  # inlined SIZE_MASK
+#: Methods that write the mapping without the journal's ``st``, and why that is safe.
+UNJOURNALED: Final = {
+    "malloc": "fast path: one aligned word store, atomic by itself; the rest goes through _op",
+    "free": "fast path: one aligned word store, atomic by itself; the rest goes through _op",
+    "_grow": "copies and zeroes the new metadata past the old capacity, which nothing live "
+             "refers to until the journaled capacity store commits the growth",
+    "release_pending": "after commit: sets RELEASED before the pages go (a crash between only "
+                       "costs a needless posix_fallocate), lowers zero_from after",
+    "_release_wilderness": "after commit, ordered as release_pending",
+    "trim": "outside any operation, ordered as release_pending",
+    "_memset0": "user bytes (calloc) or wilderness bytes above zero_from; callers guard the "
+                "words an undo needs",
+    "_copy": "realloc's copy into a block allocated in the same operation, guarded the same way",
+    "rebuild": "rewrites only the index (bins, lists, page map, allocation bitmap) from the "
+               "tags; the caller marks the header so that a crash half way rebuilds again",
+    "format_region": "a new heap that no process has opened yet",
+}
+
+_SZ: Final = F.SIZE_MASK  # inlined size mask of a header word
 _SMALL: Final = F.SMALL_LIMIT  # inlined small-class limit
 _BLOCKS_OFF: Final = F.BLOCKS_OFF  # inlined first block offset
 _PAGE: Final = F.PAGE  # inlined page size
 _MAX_REQUEST: Final = F.MAX_BLOCK - F.BLOCK_OVERHEAD  # largest payload a block can hold
+_RUN_LIMIT: Final = F.RUN_LIMIT
+_CLASS_OF: Final = F.CLASS_OF
+_CSIZE: Final = F.CLASS_SIZE
+_CFIRST: Final = F.CLASS_FIRST
+_CWORDS: Final = F.CLASS_WORDS
+_CSLOTS: Final = F.CLASS_SLOTS
+_CMASKS: Final = F.CLASS_MASKS
+_PM_CLASS: Final = F.PM_CLASS
+_PM_SHIFT: Final = F.PM_SHIFT
+_ATOMIC: Final = journal.ATOMIC
+_H_ROOT: Final = F.H_ROOT
+_H_OBJECTS: Final = F.H_OBJECTS
+assert set(F.ENTRIES.values()) == {_H_ROOT, _H_OBJECTS}  # the free fast path checks these two
 
 
 class BlockInfo(NamedTuple):
-    """One block, as :meth:`Allocator.walk` reports it."""
+    """One block or slot, as :meth:`Allocator.walk` reports it."""
 
-    offset: int  #: payload offset (what malloc returned); the header is 8 bytes before it
-    size: int  #: block size in bytes, header included
-    free: bool  #: whether the block is free
+    offset: int  #: payload offset (what malloc returned); a block's header is 8 bytes before it
+    size: int  #: bytes: a block's size header included, or a slot's size
+    free: bool  #: whether it is free
+    kind: str  #: ``"block"``, ``"run"`` (a block holding slots) or ``"slot"``
 
     @property
     def usable(self) -> int:
-        """Payload bytes of the block."""
-        return self.size - F.BLOCK_OVERHEAD
+        """Payload bytes."""
+        return self.size if self.kind == "slot" else self.size - F.BLOCK_OVERHEAD
 
 
 class HeapStats(NamedTuple):
-    """Figures from :meth:`Allocator.stats` (one walk over the blocks)."""
+    """Figures from :meth:`Allocator.stats` (one walk over the blocks and runs)."""
 
     capacity: int  #: bytes mapped (file size in use)
     block_area: int  #: bytes between the first block and brk
-    wilderness: int  #: bytes between brk and the allocation bitmap (room before growing)
-    used_blocks: int  #: number of live blocks
-    used_bytes: int  #: bytes in live blocks, headers included
-    payload_bytes: int  #: usable bytes in live blocks
+    wilderness: int  #: bytes between brk and the metadata (room before growing)
+    used_blocks: int  #: live allocations: used blocks that are not runs, plus used slots
+    used_bytes: int  #: bytes they take: block sizes (headers included) plus slot sizes
+    payload_bytes: int  #: usable bytes of the live allocations
     free_blocks: int  #: number of free blocks in the bins
     free_bytes: int  #: bytes in free blocks (wilderness not included)
     largest_free: int  #: largest free block (or the wilderness, if larger)
     fragmentation: float  #: 1 - largest_free / (free_bytes + wilderness); 0 when nothing is free
     peak_brk: int  #: high-water mark of brk, in bytes from the start of the mapping
     generation: int  #: growth generation
+    runs: int  #: runs (blocks holding slots)
+    run_bytes: int  #: bytes of all runs, headers included
+    used_slots: int  #: live slots (counted in used_blocks too)
+    free_slots: int  #: free slots in the runs
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Header page, control block, page map and allocation bitmap."""
+        return _BLOCKS_OFF + F.meta_bytes_for(self.capacity)
 
 
 class Allocator:
-    """The allocator over one :class:`~pheap.region.Region`, without a journal.
+    """The allocator over one :class:`~pheap.region.Region` and its :class:`~pheap.journal.Journal`.
 
-    It has no lock of its own: callers (``Heap``) serialise access and call :meth:`sync` first so
-    the local mapping covers the capacity another process may have grown the heap to.
+    It has no lock of its own: callers (``pheap.heap``) serialise access, call :meth:`sync`
+    first so the local mapping covers the capacity another process may have grown the heap to,
+    and set :attr:`fast` to their thread's ident while the single-store fast paths are allowed
+    (lock held, no bracket open, writable). Every other call goes through :meth:`_op`.
     """
 
-    journaled = False  #: whether operations are atomic (see JournaledAllocator)
-    in_tx = False  #: transactions need the journal
+    fast = 0  #: thread ident allowed to take the single-store fast paths (0: nobody)
+    held = 0  #: thread ident that holds the heap lock for writing (0: nobody)
 
-    def __init__(self, region: Region) -> None:
+    def __init__(self, region: Region, jrnl: Journal) -> None:
         self._r = region
-        self._w = region.w
-        self._cap = region.size
-        self._bmo = F.bitmap_off(region.size)
-        self._bmw = self._bmo >> 3
-        self._gen = self._w[H_GENERATION]
+        self._j = jrnl
         self.pending: list[tuple[int, int]] = []  #: page releases queued until commit
         self._grown_zero_from = 0  # zero_from the last growth needed (calloc reads it)
+        self._adopt()
+        self._gen = self._w[H_GENERATION]
+        self._pins = (self._w[_H_ROOT], self._w[_H_OBJECTS])  # entries, refreshed by the lock
 
     # -- mapping bookkeeping ---------------------------------------------------------------
 
     def _adopt(self) -> None:
-        """Refresh cached views after the region was remapped."""
+        """Refresh the cached views and geometry from the region (after a remap).
+
+        Every value is computed first and assigned in one statement, so an interrupt cannot
+        leave half of them stale.
+        """
         r = self._r
-        self._w = r.w
-        self._cap = r.size
-        self._bmo = F.bitmap_off(r.size)
-        self._bmw = self._bmo >> 3
+        cap = r.size
+        meta = F.meta_off(cap)
+        bmo = F.bitmap_off(cap)
+        self._w, self._b, self._cap, self._meta, self._bmw, self._j.w = (
+            r.w, r.b, cap, meta, bmo >> 3, r.w)
 
     def sync(self) -> None:
         """Remap if another process grew the heap since this process last looked. O(1)."""
         w = self._w
+        if self._w is not self._r.w:
+            self._adopt()
+            w = self._w
         if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
             cap = w[H_CAPACITY]
             fsize = self._r.file_size()
-            if cap > fsize:
+            if cap > fsize or cap < F.min_capacity() or cap % _PAGE:
                 raise CorruptHeapError(
-                    f"offset 128: capacity {cap} exceeds the file size {fsize} "
-                    "(the file was truncated by something other than pheap)")
+                    f"{F.at('capacity')}: {cap} is not a capacity this file of {fsize} bytes "
+                    "can have (truncated by something other than pheap, or damaged)")
             self._r.remap(cap)
             self._adopt()
             self._gen = self._w[H_GENERATION]
@@ -157,16 +228,43 @@ class Allocator:
 
     @staticmethod
     def format_region(region: Region, max_size: int = 0) -> None:
-        """Write the mutable header fields of a new heap; the control block starts all zero."""
-        w = region.w
-        cap = region.size
-        w[H_CAPACITY] = cap
-        w[H_BRK] = F.BLOCKS_OFF
-        w[H_ZERO_FROM] = F.BLOCKS_OFF
-        w[H_HOLE_FROM] = F.bitmap_off(cap)
-        w[H_GENERATION] = 1
-        w[H_MAX_SIZE] = max_size
-        w[H_PEAK_BRK] = F.BLOCKS_OFF
+        """Write the header of a new heap into ``region`` (the rest starts all zero)."""
+        region.mm[0:F.HEADER_SIZE] = F.new_header(region.size, max_size)
+
+    # -- the operation bracket -----------------------------------------------------------------
+
+    def _bracket(self, fn: Callable[..., object], *args: object) -> object:
+        """Run ``fn(*args)`` as one operation: all of it or, if it raises, none of it. Page
+        releases it queued happen after the commit (they cannot be undone). This is the one
+        begin/commit/rollback bracket of the allocator."""
+        j = self._j
+        t = j.begin()
+        try:
+            r = fn(*args)
+        except BaseException:
+            j.rollback(t)
+            if t == journal.OUTERMOST:
+                self.pending.clear()
+            self.after_undo()
+            raise
+        j.commit(t)
+        if self.pending and not j.mode:
+            self.release_pending()
+        return r
+
+    def _locked(self, method: Callable[..., object], fn: Callable[..., object],
+                *args: object) -> object:
+        """A public call made without the lock held: here (a bare allocator, whose caller
+        serialises access) just the bracket; pheap.heap.Core takes the lock and calls
+        ``method(*args)`` again."""
+        return self._bracket(fn, *args)
+
+    def after_undo(self) -> None:
+        """Refresh what an undo may have changed under this process: the mapping (an undone
+        growth) and the cached entries."""
+        if self._w is not self._r.w or self._w[H_CAPACITY] != self._cap:
+            self.sync()
+        self._pins = (self._w[_H_ROOT], self._w[_H_OBJECTS])
 
     # -- validation helpers ------------------------------------------------------------------
 
@@ -178,10 +276,34 @@ class Allocator:
             n = n.__index__()  # type: ignore[attr-defined]
         if n < 0:
             raise InvalidSizeError(f"{what} must not be negative: {n}")
-        if n > F.MAX_BLOCK - F.BLOCK_OVERHEAD:
+        if n > _MAX_REQUEST:
             raise InvalidSizeError(f"{what} {n} exceeds the largest block the format allows "
-                                   f"({F.MAX_BLOCK - F.BLOCK_OVERHEAD} bytes)")
+                                   f"({_MAX_REQUEST} bytes)")
         return n  # type: ignore[return-value]
+
+    def _slot_of(self, p: int, v: int) -> tuple[int, int, int, int]:
+        """(class, run base, bitmap word index, bit) of the live slot ``p`` in the run whose
+        page-map byte is ``v``; InvalidPointerError when ``p`` is not a live slot's start."""
+        c = (v & _PM_CLASS) - 1
+        if c >= F.CLASS_COUNT:
+            raise CorruptHeapError(f"offset {self._meta + (p >> 12)}: page-map byte {v} "
+                                   "names no class")
+        base = ((p >> 12) - (v >> _PM_SHIFT)) << 12
+        size = _CSIZE[c]
+        d = p - base - _CFIRST[c]
+        idx = d // size
+        if d != idx * size or not 0 <= idx < _CSLOTS[c]:
+            where = "inside the run's header" if d < 0 else \
+                "past the run's last slot" if idx >= _CSLOTS[c] else \
+                f"not at the start of a {size}-byte slot"
+            raise InvalidPointerError(f"invalid offset {p}: {where} (run at {base - 8}, class "
+                                      f"{size} B)")
+        k = (base >> 3) + (idx >> 6)
+        bit = 1 << (idx & 63)
+        if self._w[k] & bit:
+            raise InvalidPointerError(f"invalid offset {p}: a free slot of the {size}-byte run "
+                                      f"at {base - 8} (double free?)")
+        return c, base, k, bit
 
     def _bad_pointer(self, p: object) -> InvalidPointerError:
         """Explain why ``p`` is not a live block (called only on the error path)."""
@@ -205,43 +327,116 @@ class Allocator:
 
     def _looks_like_block(self, b: int, hdr: int) -> bool:
         """Whether the tags at ``b`` describe a free block (header and footer agree)."""
-        size = hdr & _NOT_FLAGS
+        size = hdr & _SZ
         end = b + size
         return size >= MIN_BLOCK and end <= self._w[H_BRK] and self._w[(end >> 3) - 1] == size
 
+    def _block_of(self, p: object) -> int:
+        """Block offset of the live block (not slot, not run) whose payload is ``p``."""
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
+            raise self._bad_pointer(p)
+        b = p - 8
+        w = self._w
+        if not (w[self._bmw + (b >> 9)] >> ((b >> 3) & 63)) & 1:
+            raise self._bad_pointer(p)
+        if w[b >> 3] & RUN:
+            raise InvalidPointerError(f"invalid offset {p}: it is a run of small slots, which "
+                                      "belongs to the allocator")
+        return b
+
+    def live_size(self, p: object) -> int:
+        """Usable bytes of the live block or slot at ``p``; InvalidPointerError otherwise (the
+        transaction log block, the journal's own, included). O(1)."""
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
+            raise self._bad_pointer(p)
+        v = self._b[self._meta + (p >> 12)]
+        if v:
+            return _CSIZE[self._slot_of(p, v)[0]]
+        b = self._block_of(p)
+        if p == self._w[F.H_TXLOG]:
+            raise InvalidPointerError(f"invalid offset {p}: it is the transaction log block")
+        return (self._w[b >> 3] & _SZ) - 8
+
     def is_live(self, p: int) -> bool:
-        """Whether ``p`` is the payload offset of a live block. O(1)."""
+        """Whether ``p`` is the payload offset of a live block or slot. O(1)."""
         try:
-            self._live(p)
+            self.live_size(p)
         except InvalidPointerError:
             return False
         return True
 
-    def _live_unchecked(self, p: int) -> int:
-        """Like _live, but the transaction log block counts as live."""
-        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
-            raise self._bad_pointer(p)
-        b = p - 8
-        if not (self._w[self._bmw + (b >> 9)] >> ((b >> 3) & 63)) & 1:
-            raise self._bad_pointer(p)
-        return b
+    def containing(self, off: int, n: int) -> tuple[int, int]:
+        """(payload start, payload end) of the live block or slot holding bytes [off, off+n).
 
-    def _live(self, p: object) -> int:
-        """Block offset of the live block whose payload is ``p``; InvalidPointerError otherwise."""
-        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
-            raise self._bad_pointer(p)
-        b = p - 8
-        if not (self._w[self._bmw + (b >> 9)] >> ((b >> 3) & 63)) & 1:
-            raise self._bad_pointer(p)
-        if p == self._w[F.H_TXLOG]:
-            raise InvalidPointerError(f"invalid offset {p}: it is the transaction log block")
-        return b
+        O(1) when ``off`` is a payload start or inside a slot; otherwise the allocation bitmap
+        is searched backwards from ``off`` for the block's start, O(distance / 512) words.
+        InvalidPointerError names the range when no live block holds all of it.
+        """
+        w = self._w
+        if type(off) is not int or type(n) is not int or n < 0:
+            raise InvalidPointerError(f"offset and length must be ints: {off!r}, {n!r}")
+        brk = w[H_BRK]
+        if off < _BLOCKS_OFF + 8 or off >= brk or off + n > brk:
+            raise InvalidPointerError(f"range [{off}, {off + n}) is outside the block area "
+                                      f"[{_BLOCKS_OFF + 8}, {brk})")
+        v = self._b[self._meta + (off >> 12)]
+        if v:  # inside a run: the slot holding off
+            c = (v & _PM_CLASS) - 1
+            base = ((off >> 12) - (v >> _PM_SHIFT)) << 12
+            size = _CSIZE[c]
+            idx = (off - base - _CFIRST[c]) // size
+            start = base + _CFIRST[c] + idx * size
+            if 0 <= idx < _CSLOTS[c] and off >= start:
+                self._slot_of(start, v)  # raises for a free slot
+                if off + n <= start + size:
+                    return start, start + size
+                raise InvalidPointerError(f"range [{off}, {off + n}) runs past the end of the "
+                                          f"{size}-byte slot at {start}")
+            raise InvalidPointerError(f"range [{off}, {off + n}) is inside the header of the "
+                                      f"run at {base - 8}")
+        b = self._block_start_before(off - 8)
+        if b < 0:
+            raise InvalidPointerError(f"range [{off}, {off + n}) is in no live block")
+        hdr = w[b >> 3]
+        end = b + (hdr & _SZ)
+        if hdr & RUN or off >= end:
+            raise InvalidPointerError(f"range [{off}, {off + n}) is in no live block (it lies in "
+                                      "free space)")
+        if b + 8 == w[F.H_TXLOG]:
+            raise InvalidPointerError(f"range [{off}, {off + n}) is in the transaction log block")
+        if off + n > end:
+            raise InvalidPointerError(f"range [{off}, {off + n}) runs past the end of the block "
+                                      f"[{b + 8}, {end})")
+        return b + 8, end
+
+    def _block_start_before(self, b: int) -> int:
+        """Offset of the last used block starting at or before ``b``, from the allocation
+        bitmap (-1 when none). The backward search runs over bytes of the bitmap in C."""
+        bi = b >> 3  # bit number of b in the bitmap
+        base = self._bmw << 3  # byte offset of the bitmap
+        first = base + (_BLOCKS_OFF >> 6)
+        mm = self._r.mm
+        hi = base + (bi >> 3)
+        x = mm[hi] & ((2 << (bi & 7)) - 1)
+        if x:
+            return ((hi - base) << 6) + ((x.bit_length() - 1) << 3)
+        step = 4096
+        while hi > first:
+            lo = max(first, hi - step)
+            chunk = mm[lo:hi].rstrip(b"\0")
+            if chunk:
+                at = lo + len(chunk) - 1
+                return ((at - base) << 6) + ((chunk[-1].bit_length() - 1) << 3)
+            hi = lo
+            step = min(step * 4, 1 << 20)
+        return -1
 
     # -- bins ----------------------------------------------------------------------------------
 
     def _insert(self, b: int, size: int) -> None:
         """Push free block ``b`` of ``size`` bytes on the head of its bin. O(1)."""
         w = self._w
+        st = self._j.set
         if size < _SMALL:
             fl = 0
             sl = size >> 3
@@ -252,25 +447,26 @@ class Allocator:
         h = C_HEADS + (fl << 5) + sl
         head = w[h]
         bi = b >> 3
-        w[bi + 1] = head
-        w[bi + 2] = 0
+        st(bi + 1, head)
+        st(bi + 2, 0)
         if head:
-            w[(head >> 3) + 2] = b
+            st((head >> 3) + 2, b)
         else:
             m = w[C_SL_BITMAP + fl]
             if not m:
-                w[C_FL_BITMAP] |= 1 << fl
-            w[C_SL_BITMAP + fl] = m | (1 << sl)
-        w[h] = b
+                st(C_FL_BITMAP, w[C_FL_BITMAP] | 1 << fl)
+            st(C_SL_BITMAP + fl, m | (1 << sl))
+        st(h, b)
 
     def _unlink(self, b: int, size: int) -> None:
         """Remove free block ``b`` of ``size`` bytes from its bin. O(1)."""
         w = self._w
+        st = self._j.set
         bi = b >> 3
         nxt = w[bi + 1]
         prv = w[bi + 2]
         if prv:
-            w[(prv >> 3) + 1] = nxt
+            st((prv >> 3) + 1, nxt)
         else:
             if size < _SMALL:
                 fl = 0
@@ -279,31 +475,152 @@ class Allocator:
                 bl = size.bit_length() - 1
                 fl = bl - 7
                 sl = (size >> (bl - 5)) & 31
-            w[C_HEADS + (fl << 5) + sl] = nxt
+            st(C_HEADS + (fl << 5) + sl, nxt)
             if not nxt:
                 m = w[C_SL_BITMAP + fl] & ~(1 << sl)
-                w[C_SL_BITMAP + fl] = m
+                st(C_SL_BITMAP + fl, m)
                 if not m:
-                    w[C_FL_BITMAP] &= ~(1 << fl)
+                    st(C_FL_BITMAP, w[C_FL_BITMAP] & ~(1 << fl))
         if nxt:
-            w[(nxt >> 3) + 2] = prv
+            st((nxt >> 3) + 2, prv)
+
+    def _set_alloc_bit(self, b: int, on: bool) -> None:
+        """Set or clear the allocation-bitmap bit of block ``b``."""
+        bi = b >> 3
+        k = self._bmw + (bi >> 6)
+        x = self._w[k]
+        bit = 1 << (bi & 63)
+        self._j.set(k, x | bit if on else x & ~bit)
+
+    def _set_page_map(self, page: int, v: int) -> None:
+        """Set the page-map byte of page number ``page`` to ``v`` (one journaled word)."""
+        i = (self._meta >> 3) + (page >> 3)
+        sh = (page & 7) << 3
+        self._j.set(i, (self._w[i] & ~(0xFF << sh)) | v << sh)
 
     # -- malloc --------------------------------------------------------------------------------
 
     def malloc(self, n: int) -> int:
         """Allocate ``n`` bytes; return the payload offset (never 0). O(1).
 
-        ``malloc(0)`` returns a minimum block, like glibc. Raises HeapFullError when the heap
-        cannot grow, InvalidSizeError for negative or absurd sizes.
+        ``malloc(0)`` returns the smallest slot, like glibc returns a minimum chunk. Raises
+        HeapFullError when the heap cannot grow, InvalidSizeError for negative or absurd sizes.
+        Requests up to RUN_LIMIT (448) bytes are slots of a run, 8-byte aligned; larger ones
+        are blocks.
         """
+        me = get_ident()
+        if self.fast == me and type(n) is int and -1 < n <= _RUN_LIMIT:
+            # Fast path: a slot whose bitmap word keeps a free slot: one plain store, atomic by
+            # itself, so no journal (0.3-0.4 us of a crash-safe pair; tools/bench_alloc.py).
+            c = _CLASS_OF[n]
+            w = self._w
+            k = w[C_CLASS_HEADS + c]
+            if k:
+                x = w[k]
+                low = x & -x
+                if x != low:
+                    w[k] = x ^ low
+                    base = (k << 3) & -4096
+                    return base + _CFIRST[c] + ((((k << 3) - base) << 3) + low.bit_length() - 1) \
+                        * _CSIZE[c]
+        if self.held == me:
+            return self._bracket(self._malloc, n)  # type: ignore[return-value]
+        return self._locked(self.malloc, self._malloc, n)  # type: ignore[return-value]
+
+    def _malloc(self, n: int, guard: bool = False) -> int:
+        """malloc inside an operation. ``guard``: the caller writes data into the result before
+        the operation commits (see _guard)."""
         if type(n) is not int or n < 0 or n > _MAX_REQUEST:
             n = self._check_size(n)
-        s = (n + 15) & -8
-        if s < 32:
-            s = 32
+        j = self._j
+        if n <= _RUN_LIMIT:
+            p = self._slot(_CLASS_OF[n])
+            if j.mode >= _ATOMIC and p not in j.freed and p & -_PAGE not in j.new_runs:
+                j.fresh[p] = p + _CSIZE[_CLASS_OF[n]]  # its bytes need no undo records
+            return p
+        return self._block((n + 15) & -8, guard) + 8
+
+    def _slot(self, c: int) -> int:
+        """Take a free slot of class ``c`` (a new run when the class has none). O(1)."""
         w = self._w
+        k = w[C_CLASS_HEADS + c]
+        if not k:
+            self._new_run(c)  # may grow the heap: a new mapping
+            w = self._w
+            k = w[C_CLASS_HEADS + c]
+        x = w[k]
+        if not x:
+            raise CorruptHeapError(f"offset {k * 8}: bitmap word on the class-{_CSIZE[c]} list "
+                                   "has no free slot")
+        low = x & -x
+        self._j.set(k, x ^ low)
+        if x == low:  # the word is now full: off the class's list
+            self._chunk_unlink(c, k)
+        base = (k << 3) & -4096
+        return base + _CFIRST[c] + ((((k << 3) - base) << 3) + low.bit_length() - 1) * _CSIZE[c]
+
+    def _chunk_push(self, c: int, k: int) -> None:
+        """Put bitmap word ``k`` (which has a free slot) on the head of class ``c``'s list."""
+        w = self._w
+        st = self._j.set
+        m = _CWORDS[c]
+        h = C_CLASS_HEADS + c
+        nx = w[h]
+        st(k + m, nx)
+        st(k + 2 * m, 0)
+        if nx:
+            st(nx + 2 * m, k)
+        st(h, k)
+
+    def _chunk_unlink(self, c: int, k: int) -> None:
+        """Take bitmap word ``k`` off class ``c``'s list."""
+        w = self._w
+        st = self._j.set
+        m = _CWORDS[c]
+        nx = w[k + m]
+        pv = w[k + 2 * m]
+        if pv:
+            st(pv + m, nx)
+        else:
+            st(C_CLASS_HEADS + c, nx)
+        if nx:
+            st(nx + 2 * m, pv)
+
+    def _new_run(self, c: int) -> None:
+        """Make a run of class ``c`` and put its bitmap words on the class's list."""
+        pages = F.CLASS_PAGES[c]
+        b = self._aligned_block(pages * _PAGE, _PAGE)
+        st = self._j.set
+        w = self._w
+        st(b >> 3, F.run_header(c) | (w[b >> 3] & PREV_FREE))
+        base = b + 8
+        bi = base >> 3
+        m = _CWORDS[c]
+        masks = _CMASKS[c]
+        for j in range(m):
+            st(bi + j, masks[j])
+            st(bi + m + j, bi + j + 1 if j + 1 < m else w[C_CLASS_HEADS + c])
+            st(bi + 2 * m + j, bi + j - 1 if j else 0)
+        nx = w[C_CLASS_HEADS + c]
+        if nx:
+            st(nx + 2 * m, bi + m - 1)
+        st(C_CLASS_HEADS + c, bi)
+        first = base >> 12
+        for i in range(pages):
+            self._set_page_map(first + i, F.page_map_byte(c, i))
+        if self._j.mode >= _ATOMIC:
+            self._j.new_runs.add(base)
+
+    def _block(self, s: int, guard: bool) -> int:
+        """Take a block of ``s`` bytes (8-aligned, >= MIN_BLOCK) from the bins or the
+        wilderness; return its block offset. ``guard``: journal the words of a block taken from
+        a bin that an undo needs but the caller's data writes would overwrite. O(1)."""
+        if s < MIN_BLOCK:
+            s = MIN_BLOCK
+        w = self._w
+        st = self._j.set
         b = 0
-        if s < 256:
+        if s < _SMALL:
             fl = 0
             sl = s >> 3
         else:
@@ -313,7 +630,7 @@ class Allocator:
             sl = (s >> (bl - 5)) & 31
             h = C_HEADS + (fl << 5) + sl
             b = w[h]
-            if b and w[b >> 3] & -8 < s:
+            if b and w[b >> 3] & _SZ < s:
                 b = 0
             if not b:  # search from the next class: every block there fits
                 t = s + (1 << (bl - 5)) - 1
@@ -334,81 +651,153 @@ class Allocator:
             b = w[h]
         bi = b >> 3
         hdr = w[bi]
+        bsize = hdr & _SZ
         if hdr & RELEASED:  # pages of this block went back to the OS: back them first
-            self._r.ensure_backed(b, s + MIN_BLOCK)
-        bsize = hdr & -8
+            self._r.ensure_backed(b, min(s + MIN_BLOCK, bsize))
+        if guard:
+            self._guard(b, bsize)
         # Unlink the head of the bin (inlined _unlink for a head block).
         nxt = w[bi + 1]
-        w[h] = nxt
+        st(h, nxt)
         if nxt:
-            w[(nxt >> 3) + 2] = 0
+            st((nxt >> 3) + 2, 0)
         else:
             m = w[C_SL_BITMAP + fl] & ~(1 << sl)
-            w[C_SL_BITMAP + fl] = m
+            st(C_SL_BITMAP + fl, m)
             if not m:
-                w[C_FL_BITMAP] &= ~(1 << fl)
+                st(C_FL_BITMAP, w[C_FL_BITMAP] & ~(1 << fl))
         rem = bsize - s
-        if rem >= 32:
+        if rem >= MIN_BLOCK:
             # Split: [b: used s][r: free rem]. The block after r already has PREV_FREE set.
-            w[bi] = s
+            st(bi, s)
             r = b + s
-            ri = r >> 3
-            w[ri] = rem | FREE | (hdr & RELEASED)
-            w[ri + (rem >> 3) - 1] = rem
-            # Inlined _insert(r, rem): worth ~0.1 us a split (tools/bench_alloc.py churn).
-            if rem < 256:
-                fl = 0
-                sl = rem >> 3
-            else:
-                bl = rem.bit_length() - 1
-                fl = bl - 7
-                sl = (rem >> (bl - 5)) & 31
-            h = C_HEADS + (fl << 5) + sl
-            head = w[h]
-            w[ri + 1] = head
-            w[ri + 2] = 0
-            if head:
-                w[(head >> 3) + 2] = r
-            else:
-                m = w[C_SL_BITMAP + fl]
-                if not m:
-                    w[C_FL_BITMAP] |= 1 << fl
-                w[C_SL_BITMAP + fl] = m | (1 << sl)
-            w[h] = r
+            st(r >> 3, rem | FREE | (hdr & RELEASED))
+            st((r + rem >> 3) - 1, rem)
+            self._insert(r, rem)
         else:
-            w[bi] = bsize
+            st(bi, bsize)
             nb = (b + bsize) >> 3  # a free block never touches brk, so this is a used block
-            w[nb] &= ~PREV_FREE
-        w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
-        return b + 8
+            st(nb, w[nb] & ~PREV_FREE)
+        k = self._bmw + (bi >> 6)
+        st(k, w[k] | 1 << (bi & 63))
+        return b
+
+    def _guard(self, b: int, size: int) -> None:
+        """Journal the words of free block ``b`` that an undo needs -- its links and its footer --
+        before data this operation writes into it (calloc's memset, realloc's copy) overwrites
+        them without records. (Writes after the operation need none outside a bracket, and
+        inside one they log the bytes they overwrite.)"""
+        w = self._w
+        st = self._j.set
+        bi = b >> 3
+        for i in (bi + 1, bi + 2, bi + (size >> 3) - 1):
+            st(i, w[i])
 
     def _from_wilderness(self, s: int) -> int:
-        """Carve a block of ``s`` bytes at brk, growing the mapping if needed. O(1) amortised."""
+        """Carve a block of ``s`` bytes at brk, growing the mapping if needed; return it."""
         w = self._w
         b = w[H_BRK]
         end = b + s
-        if end > self._bmo:
+        if end > self._meta:
             self._grow(end)
             w = self._w
         if end > w[H_HOLE_FROM]:
             self._back_wilderness(end)
-        w[b >> 3] = s  # the block below brk is never free, so no PREV_FREE
-        w[H_BRK] = end
+        st = self._j.set
+        st(H_BRK, end)
+        # Unlogged stores below: their old values are needed by no undo. The header word was
+        # wilderness, and an undo, which has brk's record to restore, trusts no zeros there
+        # (journal.forget_zeros); zero_from only ever rises, and the undo raises it further.
+        w[b >> 3] = s  # unlogged: was wilderness. The block below brk is never free
         if end > w[H_ZERO_FROM]:
-            w[H_ZERO_FROM] = end
+            w[H_ZERO_FROM] = end  # unlogged: only rises
         if end > w[H_PEAK_BRK]:
-            w[H_PEAK_BRK] = end
+            st(H_PEAK_BRK, end)  # logged: it must stay below the metadata if a growth is undone
         bi = b >> 3
-        w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
-        return b + 8
+        k = self._bmw + (bi >> 6)
+        st(k, w[k] | 1 << (bi & 63))
+        return b
+
+    def _aligned_block(self, s: int, align: int) -> int:
+        """A used block of exactly ``s`` bytes whose payload offset is a multiple of ``align``
+        (a power of two, 16 to PAGE); return its block offset. Looks at a few free blocks that
+        could hold it, then carves from the wilderness. O(1)."""
+        w = self._w
+        # 1. A free block of the right size class or larger whose aligned part fits.
+        fl, sl = F.size_class(s)
+        probes = 0
+        m = w[C_SL_BITMAP + fl] & (-1 << sl)
+        fmap = w[C_FL_BITMAP] & (-1 << (fl + 1))
+        while probes < ALIGNED_PROBES:
+            if not m:
+                if not fmap:
+                    break
+                fl = (fmap & -fmap).bit_length() - 1
+                fmap &= fmap - 1
+                m = w[C_SL_BITMAP + fl]
+                continue
+            sl = (m & -m).bit_length() - 1
+            m &= m - 1
+            fb = w[C_HEADS + (fl << 5) + sl]
+            while fb and probes < ALIGNED_PROBES:
+                probes += 1
+                fs = w[fb >> 3] & _SZ
+                a = _aligned_start(fb, align)
+                if a + s <= fb + fs and (fb + fs - a - s == 0 or fb + fs - a - s >= MIN_BLOCK):
+                    return self._carve(fb, fs, a, s)
+                fb = w[(fb >> 3) + 1]
+        # 2. The wilderness: one carve (so a full heap fails before any store), then the gap
+        # before the aligned start becomes a free block.
+        brk = w[H_BRK]
+        a = _aligned_start(brk, align)
+        if a == brk:
+            return self._from_wilderness(s)
+        gap = a - brk
+        b = self._from_wilderness(gap + s)
+        st = self._j.set
+        st(b >> 3, gap)
+        st(a >> 3, s)
+        self._set_alloc_bit(a, True)
+        self._set_alloc_bit(b, False)
+        self._free_block(b, gap)
+        return a
+
+    def _carve(self, fb: int, fs: int, a: int, s: int) -> int:
+        """Take used block [a, a+s) out of free block [fb, fb+fs) (both gaps 0 or a block)."""
+        w = self._w
+        st = self._j.set
+        hdr = w[fb >> 3]
+        rel = hdr & RELEASED
+        if rel:
+            self._r.ensure_backed(a, s + MIN_BLOCK)
+        self._unlink(fb, fs)
+        end = fb + fs
+        if a > fb:  # the gap before stays free
+            gap = a - fb
+            st(fb >> 3, gap | FREE | rel | (hdr & PREV_FREE))
+            st((a >> 3) - 1, gap)
+            self._insert(fb, gap)
+            st(a >> 3, s | PREV_FREE)
+        else:
+            st(a >> 3, s | (hdr & PREV_FREE))
+        if a + s < end:  # the gap after stays free; the block after it keeps PREV_FREE
+            r = a + s
+            rest = end - r
+            st(r >> 3, rest | FREE | rel)
+            st((end >> 3) - 1, rest)
+            self._insert(r, rest)
+        else:
+            st(end >> 3, w[end >> 3] & ~PREV_FREE)
+        self._set_alloc_bit(a, True)
+        return a
 
     def _back_wilderness(self, end: int) -> None:
         """Give [hole_from, end) disk blocks again (it may have been released). Raises on ENOSPC."""
         w = self._w
         start = w[H_HOLE_FROM]
-        stop = min(F.round_up(end + BACKING_CHUNK, F.PAGE), self._bmo)
+        stop = min(F.round_up(end + BACKING_CHUNK, _PAGE), self._meta)
         self._r.ensure_backed(start, stop - start)
-        w[H_HOLE_FROM] = stop
+        w[H_HOLE_FROM] = stop  # unlogged: [start, stop) has disk blocks now, undo or not
 
     def _grow(self, need_end: int) -> None:
         """Extend capacity so the block area reaches ``need_end``. Raises HeapFullError."""
@@ -417,17 +806,17 @@ class Allocator:
         cap = self._cap
         max_size = w[H_MAX_SIZE]
         new_cap = F.round_up(max(cap * GROW_FACTOR_NUM // GROW_FACTOR_DEN,
-                                 need_end + need_end // 64 + 2 * F.PAGE), GROW_GRANULE)
-        # The new bitmap must lie past the old capacity: until the capacity word commits the
-        # growth, the old bitmap is the live one and must stay intact.
+                                 need_end + need_end // 60 + 2 * _PAGE), GROW_GRANULE)
+        # The new metadata must lie past the old capacity: until the capacity word commits the
+        # growth, the old metadata is the live one and must stay intact.
         floor = max(need_end, cap)
-        while F.bitmap_off(new_cap) < floor:
+        while F.meta_off(new_cap) < floor:
             new_cap += GROW_GRANULE
         if max_size and new_cap > max_size:
-            new_cap = max_size & ~(F.PAGE - 1)
-            if F.bitmap_off(new_cap) < floor:
+            new_cap = max_size & ~(_PAGE - 1)
+            if F.meta_off(new_cap) < floor:
                 raise HeapFullError(
-                    f"heap needs {floor + F.bitmap_bytes(floor)} bytes of capacity to reach "
+                    f"heap needs {floor + F.meta_bytes_for(floor)} bytes of capacity to reach "
                     f"{need_end}; max_size is {max_size}")
         if not r.growable:
             raise HeapFullError(
@@ -440,148 +829,193 @@ class Allocator:
         journal.hit("grow")
         r.remap(new_cap)
         self._adopt()
-        w = self._w
-        old_bmo = F.bitmap_off(cap)
-        r.mm.move(self._bmo, old_bmo, cap - old_bmo)
-        # Before the capacity word changes, the new bitmap copy is unreachable and the heap is the
-        # old one. The old bitmap's bytes [old_bmo, cap) now lie in the wilderness and are not
+        mm = r.mm
+        # The new metadata, [new meta, new cap): the old page map and bitmap copied to their new
+        # places, and every other byte of it zeroed -- the bytes may be left from a growth that
+        # was undone (or any stale tail), and nothing may be trusted to be zero there.
+        old_pm, old_pm_n = F.meta_off(cap), F.page_map_bytes(cap)
+        old_bm, old_bm_n = F.bitmap_off(cap), F.bitmap_bytes(cap)
+        new_pm, new_bm = F.meta_off(new_cap), F.bitmap_off(new_cap)
+        mm.move(new_pm, old_pm, old_pm_n)
+        self._memset0(new_pm + old_pm_n, new_bm)
+        mm.move(new_bm, old_bm, old_bm_n)
+        self._memset0(new_bm + old_bm_n, new_cap)
+        # Before the capacity word changes, the new metadata is unreachable and the heap is the
+        # old one. The old metadata's bytes [old meta, cap) now lie in the wilderness and are not
         # zero, so zero_from moves past them in the same journaled operation.
-        w[H_CAPACITY] = new_cap
-        zf = min(max(cap, stale_end), self._bmo)
+        st = self._j.set
+        w = self._w
+        st(H_CAPACITY, new_cap)
+        zf = min(max(cap, stale_end), new_pm)
         self._grown_zero_from = zf
         if w[H_ZERO_FROM] < zf:
-            w[H_ZERO_FROM] = zf
-        w[H_GENERATION] = w[H_GENERATION] + 1
+            st(H_ZERO_FROM, zf)
+        if w[H_HOLE_FROM] >= old_pm:  # nothing below the old metadata was a hole: nor is above
+            st(H_HOLE_FROM, new_pm)
+        st(H_GENERATION, w[H_GENERATION] + 1)
         self._gen = w[H_GENERATION]
 
     # -- free ----------------------------------------------------------------------------------
 
     def free(self, p: int) -> None:
-        """Free the block at payload offset ``p``, merging it with free neighbours. O(1).
+        """Free the block or slot at payload offset ``p``. O(1).
 
-        ``free(0)`` does nothing, like C. Any other offset that is not a live block raises
-        InvalidPointerError and changes nothing.
+        ``free(0)`` does nothing, like C. Any other offset that is not a live block or slot
+        (out of range, misaligned, interior, already free, a run, the transaction log, a block a
+        header entry names) raises InvalidPointerError and changes nothing.
         """
+        me = get_ident()
+        if self.fast == me and type(p) is int and p > 0:
+            # Fast path: a slot whose bitmap word stays on its class's list and whose run is not
+            # left empty (or is the class's current run), and that no header entry names: one
+            # plain store, atomic by itself.
+            try:
+                v = self._b[self._meta + (p >> 12)]
+            except IndexError:
+                v = 0
+            if v:
+                c = (v & 31) - 1
+                base = ((p >> 12) - (v >> 5)) << 12
+                size = _CSIZE[c]
+                d = p - base - _CFIRST[c]
+                idx = d // size
+                if d == idx * size and -1 < idx < _CSLOTS[c]:
+                    w = self._w
+                    k = (base >> 3) + (idx >> 6)
+                    x = w[k]
+                    bit = 1 << (idx & 63)
+                    if x and not x & bit and p not in self._pins:
+                        y = x | bit
+                        if y != _CMASKS[c][idx >> 6] or \
+                                (w[C_CLASS_HEADS + c] << 3) & -4096 == base:
+                            w[k] = y
+                            return None
+        if self.held == me:
+            return self._bracket(self._free, p)  # type: ignore[return-value]
+        return self._locked(self.free, self._free, p)  # type: ignore[return-value]
+
+    def _free(self, p: int) -> None:
         if p == 0 and type(p) is int:
             return
-        w = self._w
-        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= w[H_BRK]:
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
             raise self._bad_pointer(p)
+        v = self._b[self._meta + (p >> 12)]
+        if v:
+            return self._free_slot(p, v)
+        w = self._w
         b = p - 8
         bi = b >> 3
         k = self._bmw + (bi >> 6)
-        bit = 1 << (bi & 63)
         x = w[k]
-        if not x & bit or p == w[F.H_TXLOG]:
-            raise self._bad_pointer(p) if not x & bit else InvalidPointerError(
-                f"invalid offset {p}: it is the transaction log block")
-        w[k] = x ^ bit
-        # Inlined _free_block(b) with _insert: worth ~0.3 us a pair (tools/bench_alloc.py churn).
+        bit = 1 << (bi & 63)
         hdr = w[bi]
-        size = hdr & -8
-        nb = b + size
-        brk = w[H_BRK]
-        if size < 32 or nb > brk or size >= RELEASE_THRESHOLD:
-            return self._free_block(b)  # a corrupt header, or a block that releases pages
-        released = 0
-        if hdr & PREV_FREE:
-            psize = w[bi - 1]
-            b -= psize
-            bi = b >> 3
-            released = w[bi] & RELEASED
-            # Inlined _unlink(b, psize).
-            nxt = w[bi + 1]
-            prv = w[bi + 2]
-            if prv:
-                w[(prv >> 3) + 1] = nxt
-            else:
-                if psize < 256:
-                    fl = 0
-                    sl = psize >> 3
-                else:
-                    bl = psize.bit_length() - 1
-                    fl = bl - 7
-                    sl = (psize >> (bl - 5)) & 31
-                w[C_HEADS + (fl << 5) + sl] = nxt
-                if not nxt:
-                    m = w[C_SL_BITMAP + fl] & ~(1 << sl)
-                    w[C_SL_BITMAP + fl] = m
-                    if not m:
-                        w[C_FL_BITMAP] &= ~(1 << fl)
-            if nxt:
-                w[(nxt >> 3) + 2] = prv
-            size += psize
-        if nb == brk:
-            w[H_BRK] = b
-            if released and w[H_HOLE_FROM] > b:
-                w[H_HOLE_FROM] = b  # the merged block had pages without disk blocks
-            if w[H_ZERO_FROM] - b >= TRIM_THRESHOLD:
-                self.pending.append((0, b))
-            return None
-        ni = nb >> 3
-        nhdr = w[ni]
-        if nhdr & FREE:
-            nsize = nhdr & -8
-            released |= nhdr & RELEASED
-            # Inlined _unlink(nb, nsize).
-            nxt = w[ni + 1]
-            prv = w[ni + 2]
-            if prv:
-                w[(prv >> 3) + 1] = nxt
-            else:
-                if nsize < 256:
-                    fl = 0
-                    sl = nsize >> 3
-                else:
-                    bl = nsize.bit_length() - 1
-                    fl = bl - 7
-                    sl = (nsize >> (bl - 5)) & 31
-                w[C_HEADS + (fl << 5) + sl] = nxt
-                if not nxt:
-                    m = w[C_SL_BITMAP + fl] & ~(1 << sl)
-                    w[C_SL_BITMAP + fl] = m
-                    if not m:
-                        w[C_FL_BITMAP] &= ~(1 << fl)
-            if nxt:
-                w[(nxt >> 3) + 2] = prv
-            size += nsize
-        else:
-            w[ni] = nhdr | PREV_FREE
-        w[bi] = size | FREE | released
-        w[bi + (size >> 3) - 1] = size
-        if size < 256:
-            fl = 0
-            sl = size >> 3
-        else:
-            bl = size.bit_length() - 1
-            fl = bl - 7
-            sl = (size >> (bl - 5)) & 31
-        h = C_HEADS + (fl << 5) + sl
-        head = w[h]
-        w[bi + 1] = head
-        w[bi + 2] = 0
-        if head:
-            w[(head >> 3) + 2] = b
-        else:
-            m = w[C_SL_BITMAP + fl]
-            if not m:
-                w[C_FL_BITMAP] |= 1 << fl
-            w[C_SL_BITMAP + fl] = m | (1 << sl)
-        w[h] = b
+        if not x & bit or hdr & RUN or p in self._pins or p == w[F.H_TXLOG]:
+            raise self._refusal(p)
+        self._j.set(k, x ^ bit)
+        self._free_block(b, hdr & _SZ)
         return None
 
-    def _free_block(self, b: int) -> None:
-        """Turn used block ``b`` (alloc bit already clear) into free space, coalescing. O(1)."""
+    def _refusal(self, p: int) -> InvalidPointerError:
+        """Why the allocation at ``p`` cannot be freed (the error path)."""
         w = self._w
+        for name, i in F.ENTRIES.items():
+            if w[i] == p:
+                return InvalidPointerError(f"invalid offset {p}: it is the heap's {name!r} entry; "
+                                           "clear the entry before freeing it")
+        if p == w[F.H_TXLOG]:
+            return InvalidPointerError(f"invalid offset {p}: it is the transaction log block")
+        try:
+            self._block_of(p)
+        except InvalidPointerError as e:
+            return e
+        return InvalidPointerError(f"invalid offset {p}: not a live block")
+
+    def _free_slot(self, p: int, v: int) -> None:
+        c, base, k, bit = self._slot_of(p, v)
+        w = self._w
+        if p in self._pins:
+            raise self._refusal(p)
+        x = w[k]
+        j = self._j
+        j.set(k, x | bit)
+        if j.mode >= _ATOMIC:
+            j.fresh.pop(p, None)
+            j.freed.add(p)  # live when the bracket began, maybe: never fresh again in it
+        if not x:  # the word has a free slot again: it becomes the head of its class's list
+            old = w[C_CLASS_HEADS + c]
+            self._chunk_push(c, k)
+            old_base = (old << 3) & -4096
+            if old and old_base != base and self._run_empty(old_base, c):
+                self._run_emptied(old_base, c)  # the head moved off an empty run
+        elif x | bit == _CMASKS[c][k - (base >> 3)] and \
+                (w[C_CLASS_HEADS + c] << 3) & -4096 != base and self._run_empty(base, c):
+            self._run_emptied(base, c)
+
+    def _run_empty(self, base: int, c: int) -> bool:
+        """Whether every slot of the run of class ``c`` at ``base`` is free."""
+        w = self._w
+        bi = base >> 3
+        for j, mask in enumerate(_CMASKS[c]):
+            if w[bi + j] != mask:
+                return False
+        return True
+
+    def _is_run(self, base: int, c: int) -> bool:
+        """Whether a live run of class ``c`` has its payload at ``base``."""
+        b = base - 8
+        if base & (_PAGE - 1) or not _BLOCKS_OFF <= b < self._w[H_BRK] - 8:
+            return False
+        bi = b >> 3
+        if not (self._w[self._bmw + (bi >> 6)] >> (bi & 63)) & 1:
+            return False
+        hdr = self._w[bi]
+        return F.is_run(hdr) and F.run_class(hdr) == c
+
+    def _run_emptied(self, base: int, c: int) -> None:
+        """The run at ``base`` has no live slot and is not its class's current run: keep it as
+        the class's one cached empty run, or give it back to the bins if one is kept already."""
+        w = self._w
+        cached = w[C_CLASS_CACHE + c]
+        if cached == base:
+            return
+        head = (w[C_CLASS_HEADS + c] << 3) & -_PAGE
+        if head and head != base and self._run_empty(head, c) or \
+                cached and self._is_run(cached, c) and self._run_empty(cached, c):
+            self._release_run(base, c)  # the class keeps an empty run already
+        else:
+            self._j.set(C_CLASS_CACHE + c, base)
+
+    def _release_run(self, base: int, c: int) -> None:
+        """Give the empty run at ``base`` back to the bins."""
+        w = self._w
+        bi = base >> 3
+        for j in range(_CWORDS[c]):
+            self._chunk_unlink(c, bi + j)
+        first = base >> 12
+        for i in range(F.CLASS_PAGES[c]):
+            self._set_page_map(first + i, 0)
+        if w[C_CLASS_CACHE + c] == base:
+            self._j.set(C_CLASS_CACHE + c, 0)
+        b = base - 8
+        hdr = w[b >> 3]
+        size = hdr & _SZ
+        self._j.set(b >> 3, size | (hdr & PREV_FREE))
+        self._set_alloc_bit(b, False)
+        self._free_block(b, size)
+
+    def _free_block(self, b: int, size: int) -> None:
+        """Turn used block ``b`` of ``size`` bytes (alloc bit already clear) into free space,
+        coalescing with free neighbours, or with the wilderness. O(1)."""
+        w = self._w
+        st = self._j.set
         bi = b >> 3
         hdr = w[bi]
-        size = hdr & -8
         nb = b + size
         brk = w[H_BRK]
-        if size < 32 or nb > brk:
+        if size < MIN_BLOCK or nb > brk:
             raise CorruptHeapError(f"offset {b}: block header {hdr:#x} gives size {size} "
                                    f"reaching past brk {brk}")
-        freed_start, freed_end = b, nb
+        freed = size
         released = 0
         if hdr & PREV_FREE:
             psize = w[bi - 1]
@@ -592,24 +1026,24 @@ class Allocator:
             size += psize
         if nb == brk:
             # The block touches the wilderness: give it back by lowering brk.
-            w[H_BRK] = b
+            st(H_BRK, b)
             if released and w[H_HOLE_FROM] > b:
-                w[H_HOLE_FROM] = b  # the merged block had pages without disk blocks
+                st(H_HOLE_FROM, b)  # the merged block had pages without disk blocks
             if w[H_ZERO_FROM] - b >= TRIM_THRESHOLD:
                 self.pending.append((0, b))
             return
         nhdr = w[nb >> 3]
         if nhdr & FREE:
-            nsize = nhdr & -8
+            nsize = nhdr & _SZ
             released |= nhdr & RELEASED
             self._unlink(nb, nsize)
             size += nsize
         else:
-            w[nb >> 3] = nhdr | PREV_FREE
-        if freed_end - freed_start >= RELEASE_THRESHOLD:
+            st(nb >> 3, nhdr | PREV_FREE)
+        if freed >= RELEASE_THRESHOLD:
             self.pending.append((b, size))
-        w[b >> 3] = size | FREE | released
-        w[(b + size >> 3) - 1] = size
+        st(b >> 3, size | FREE | released)
+        st((b + size >> 3) - 1, size)
         self._insert(b, size)
 
     def release_pending(self) -> int:
@@ -620,8 +1054,8 @@ class Allocator:
         more conservative: RELEASED is set / hole_from lowered *before* the pages go, so a crash
         in between costs at most a needless ``posix_fallocate`` later. O(pending).
         """
-        if self.in_tx:
-            return 0  # the transaction could still be undone: wait for its commit
+        if self._j.mode:
+            return 0  # a bracket could still be undone: wait for its commit
         total = 0
         w = self._w
         for b, size in self.pending:
@@ -629,7 +1063,7 @@ class Allocator:
                 total += self._release_wilderness(size)
                 continue
             hdr = w[b >> 3]
-            if not hdr & FREE or hdr & -8 != size:
+            if not hdr & FREE or hdr & _SZ != size:
                 continue  # merged or reused since (a later operation of the same hold)
             w[b >> 3] = hdr | RELEASED
             journal.hit("release")
@@ -643,7 +1077,7 @@ class Allocator:
         w = self._w
         if w[H_BRK] != brk:
             return 0  # the wilderness moved since this release was queued
-        start = F.round_up(brk + TOP_PAD, F.PAGE)
+        start = F.round_up(brk + TOP_PAD, _PAGE)
         end = w[H_ZERO_FROM]
         if end <= start:
             return 0
@@ -658,7 +1092,7 @@ class Allocator:
         """Make the wilderness bytes [start, end) read as zero: whole pages go back to the OS,
         a partial last page is cleared by hand. ``start`` is page-aligned. Returns False (and
         changes nothing) when the backing cannot release pages."""
-        whole = end & -F.PAGE
+        whole = end & -_PAGE
         if whole > start and not self._r.release(start, whole - start):
             return False
         if whole < end:
@@ -670,31 +1104,36 @@ class Allocator:
     def calloc(self, count: int, size: int) -> int:
         """Allocate ``count * size`` zeroed bytes. O(1) plus the memset.
 
-        The memset skips the part of the block at or above ``zero_from``: bytes there were never
-        written since the file was extended (``posix_fallocate``/``ftruncate`` give zeros) or since
-        their pages were released with ``MADV_REMOVE`` (a hole reads as zeros).
+        The memset skips the part of a block at or above ``zero_from``: bytes there were never
+        written since the file was extended (``posix_fallocate``/``ftruncate`` give zeros) or
+        since their pages were released with ``MADV_REMOVE`` (a hole reads as zeros).
         """
+        if self.held == get_ident():
+            return self._bracket(self._calloc, count, size)  # type: ignore[return-value]
+        return self._locked(self.calloc, self._calloc, count, size)  # type: ignore[return-value]
+
+    def _calloc(self, count: int, size: int) -> int:
         count = self._check_size(count, "count")
         size = self._check_size(size, "size")
         total = count * size
-        if total > F.MAX_BLOCK - F.BLOCK_OVERHEAD:
+        if total > _MAX_REQUEST:
             raise InvalidSizeError(f"calloc({count}, {size}) = {total} bytes exceeds the largest "
                                    "block the format allows")
+        if total <= _RUN_LIMIT:
+            p = self._malloc(total)
+            self._j.log_range(p, total)  # unless fresh (a bracket may have freed it)
+            self._memset0(p, p + total)
+            return p
         zero_from = self._w[H_ZERO_FROM]
         cap = self._cap
-        p = self.malloc(total)
-        if self._cap != cap:  # it grew: the old bitmap's bytes (and any stale tail) are dirty
+        p = self._malloc(total, True)
+        if self._cap != cap:  # it grew: the old metadata's bytes (and any stale tail) are dirty
             zero_from = max(zero_from, self._grown_zero_from)
         end = p + total
         if p < zero_from:
-            if self.in_tx:  # the memory may have been a free block when the transaction began
-                self.log_range(p, min(end, zero_from) - p)  # type: ignore[attr-defined]
-            self._guard(p - 8)
+            self._j.log_range(p, min(end, zero_from) - p)
             self._memset0(p, min(end, zero_from))
         return p
-
-    def _guard(self, b: int) -> None:
-        """Before this operation writes data into block ``b``: nothing to do without a journal."""
 
     def _memset0(self, start: int, end: int) -> None:
         mm = self._r.mm
@@ -703,27 +1142,52 @@ class Allocator:
             mm[start:start + k] = _ZEROS[:k] if k < len(_ZEROS) else _ZEROS
             start += k
 
+    def _copy(self, dst: int, src: int, n: int) -> None:
+        self._r.mm.move(dst, src, n)
+
     def usable_size(self, p: int) -> int:
-        """Payload bytes of the live block at ``p`` (at least what was asked for). O(1)."""
-        b = self._live(p)
-        return (self._w[b >> 3] & -8) - 8
+        """Payload bytes of the live block or slot at ``p`` (at least what was asked for). O(1)."""
+        return self.live_size(p)
 
     def realloc(self, p: int, n: int) -> int:
-        """Resize the block at ``p`` to ``n`` bytes, keeping its contents; return the new offset.
+        """Resize the allocation at ``p`` to ``n`` bytes, keeping its contents; return the new
+        offset.
 
-        Shrinks in place; grows in place into a free next block or the wilderness when it can,
-        otherwise moves (malloc, copy, free). ``realloc(0, n)`` is ``malloc(n)``. O(1) plus the
-        copy when it moves. On HeapFullError the old block is untouched.
+        A slot stays in place while ``n`` is in its class, and moves (malloc, copy, free)
+        otherwise. A block shrinks in place; grows in place into a free next block or the
+        wilderness when it can, otherwise moves. ``realloc(0, n)`` is ``malloc(n)``. O(1) plus
+        the copy when it moves. On HeapFullError the old allocation is untouched.
         """
+        if self.held == get_ident():
+            return self._bracket(self._realloc, p, n)  # type: ignore[return-value]
+        return self._locked(self.realloc, self._realloc, p, n)  # type: ignore[return-value]
+
+    def _realloc(self, p: int, n: int) -> int:
         if p == 0 and type(p) is int:
-            return self.malloc(n)
+            return self._malloc(n)
         n = self._check_size(n)
-        b = self._live(p)
+        if type(p) is not int or p & 7 or p < _BLOCKS_OFF + 8 or p >= self._w[H_BRK]:
+            raise self._bad_pointer(p)
+        v = self._b[self._meta + (p >> 12)]
+        if v:
+            c = self._slot_of(p, v)[0]
+            if n <= _RUN_LIMIT and _CLASS_OF[n] == c:
+                return p
+            q = self._malloc(n, True)
+            self._j.log_range(q, min(n, _CSIZE[c]))
+            self._copy(q, p, min(n, _CSIZE[c]))
+            self._repoint(p, q)
+            self._free(p)
+            return q
+        b = self._block_of(p)
+        if p == self._w[F.H_TXLOG]:
+            raise self._refusal(p)  # the log is the journal's
         s = F.request_to_block(n)
         w = self._w
+        st = self._j.set
         bi = b >> 3
         hdr = w[bi]
-        size = hdr & -8
+        size = hdr & _SZ
         if s <= size:
             if size - s >= MIN_BLOCK:
                 self._split_tail(b, hdr, s)
@@ -732,21 +1196,21 @@ class Allocator:
         brk = w[H_BRK]
         if nb == brk:  # grow into the wilderness
             end = b + s
-            if end > self._bmo:
+            if end > self._meta:
                 self._grow(end)
                 w = self._w
             if end > w[H_HOLE_FROM]:
                 self._back_wilderness(end)
-            w[bi] = s | (hdr & PREV_FREE)
-            w[H_BRK] = end
+            st(bi, s | (hdr & PREV_FREE))
+            st(H_BRK, end)
             if end > w[H_ZERO_FROM]:
-                w[H_ZERO_FROM] = end
+                st(H_ZERO_FROM, end)
             if end > w[H_PEAK_BRK]:
-                w[H_PEAK_BRK] = end
+                st(H_PEAK_BRK, end)
             return p
         nhdr = w[nb >> 3]
         if nhdr & FREE:
-            nsize = nhdr & -8
+            nsize = nhdr & _SZ
             total = size + nsize
             if total >= s:  # grow into the free next block
                 if nhdr & RELEASED:
@@ -754,31 +1218,39 @@ class Allocator:
                 self._unlink(nb, nsize)
                 rem = total - s
                 if rem >= MIN_BLOCK:
-                    w[bi] = s | (hdr & PREV_FREE)
+                    st(bi, s | (hdr & PREV_FREE))
                     r = b + s
-                    w[r >> 3] = rem | FREE | (nhdr & RELEASED)
-                    w[(r + rem >> 3) - 1] = rem
+                    st(r >> 3, rem | FREE | (nhdr & RELEASED))
+                    st((r + rem >> 3) - 1, rem)
                     self._insert(r, rem)
                 else:
-                    w[bi] = total | (hdr & PREV_FREE)
-                    w[(b + total) >> 3] &= ~PREV_FREE
+                    st(bi, total | (hdr & PREV_FREE))
+                    st((b + total) >> 3, w[(b + total) >> 3] & ~PREV_FREE)
                 return p
-        q = self.malloc(n)  # may grow and remap
-        if self.in_tx:  # q may have been a free block when the transaction began: its links
-            self.log_range(q, size - 8)  # type: ignore[attr-defined]
-        self._guard(q - 8)
-        self._r.mm.move(q, p, size - 8)
-        self.free(p)
+        q = self._malloc(n, True)  # may grow and remap
+        self._j.log_range(q, size - 8)
+        self._copy(q, p, size - 8)
+        self._repoint(p, q)
+        self._free(p)
         return q
+
+    def _repoint(self, p: int, q: int) -> None:
+        """A header entry that names ``p``, which moved to ``q``, names ``q`` (same operation)."""
+        if p in self._pins:
+            w = self._w
+            for i in F.ENTRIES.values():
+                if w[i] == p:
+                    self._j.set(i, q)
+            self._pins = (w[_H_ROOT], w[_H_OBJECTS])
 
     def _split_tail(self, b: int, hdr: int, s: int) -> None:
         """Shrink used block ``b`` to ``s`` bytes and free the tail (which then coalesces)."""
-        w = self._w
-        size = hdr & -8
-        w[b >> 3] = s | (hdr & PREV_FREE)
+        size = hdr & _SZ
+        st = self._j.set
+        st(b >> 3, s | (hdr & PREV_FREE))
         r = b + s
-        w[r >> 3] = size - s  # a used-looking block whose previous block (b) is used
-        self._free_block(r)
+        st(r >> 3, size - s)  # a used-looking block whose previous block (b) is used
+        self._free_block(r, size - s)
 
     def memalign(self, alignment: int, n: int) -> int:
         """Allocate ``n`` bytes at an offset that is a multiple of ``alignment``. O(1).
@@ -786,42 +1258,32 @@ class Allocator:
         ``alignment`` is a power of two up to the page size (4096). Offsets are relative to the
         start of the mapping, which the OS maps page-aligned, so the address is aligned too.
         """
+        if self.held == get_ident():
+            return self._bracket(self._memalign, alignment, n)  # type: ignore[return-value]
+        return self._locked(self.memalign, self._memalign, alignment, n)  # type: ignore
+
+    def _memalign(self, alignment: int, n: int) -> int:
         alignment = self._check_size(alignment, "alignment")
         if alignment & (alignment - 1) or not alignment or alignment > MAX_ALIGNMENT:
             raise InvalidSizeError(f"alignment must be a power of two from 1 to "
                                    f"{MAX_ALIGNMENT}: {alignment}")
         n = self._check_size(n)
         if alignment <= F.ALIGN:
-            return self.malloc(n)
-        s = F.request_to_block(n)
-        p = self.malloc(s + alignment + MIN_BLOCK)  # the gap is at most MIN_BLOCK + alignment - 8
-        w = self._w
-        b = p - 8
-        q = (p + alignment - 1) & -alignment
-        while q != p and q - p < MIN_BLOCK:
-            q += alignment
-        if q != p:
-            gap = q - p
-            hdr = w[b >> 3]
-            nb = b + gap
-            w[nb >> 3] = (hdr & -8) - gap  # the aligned block; PREV_FREE set when b is freed
-            bi, ni = b >> 3, nb >> 3
-            w[self._bmw + (bi >> 6)] &= ~(1 << (bi & 63))
-            w[self._bmw + (ni >> 6)] |= 1 << (ni & 63)
-            w[bi] = gap | (hdr & PREV_FREE)
-            self._free_block(b)
-            b = nb
-        hdr = w[b >> 3]
-        if (hdr & -8) - s >= MIN_BLOCK:
-            self._split_tail(b, hdr, s)
-        return b + 8
+            return self._malloc(n)
+        return self._aligned_block(F.request_to_block(n), alignment) + 8
 
-    def set_root(self, off: int) -> None:
-        """Point the header's root at live block ``off`` (or 0). O(1)."""
+    def set_entry(self, name: str, off: int) -> None:
+        """Point header entry ``name`` (``"root"``, ``"objects"``) at live block ``off`` or 0."""
+        i = F.ENTRIES.get(name)
+        if i is None:
+            raise KeyError(f"no header entry {name!r}; there are {sorted(F.ENTRIES)}")
+        if self.held != get_ident():
+            self._locked(self.set_entry, self.set_entry, name, off)
+            return
         if off != 0:
-            self._live(off)
-        w = self._w
-        w[F.H_ROOT] = off
+            self.live_size(off)
+        self._bracket(self._j.set, i, off)
+        self._pins = (self._w[_H_ROOT], self._w[_H_OBJECTS])
 
     # -- whole-heap operations ---------------------------------------------------------------
 
@@ -832,41 +1294,66 @@ class Allocator:
         shrinking it under them would SIGBUS them), but its disk blocks are released, which
         ``os.stat().st_blocks`` shows. O(free blocks).
         """
-        if self.in_tx:
-            raise PheapError("trim() inside a transaction: pages freed by it could still be "
-                             "needed by an abort; call it after the commit")
+        if self._j.mode:
+            raise TransactionStateError("trim() inside a transaction or atomic bracket: pages it "
+                                        "gives back could still be needed by an undo; call it "
+                                        "after the commit")
+        for base, c in self._empty_runs():
+            self._bracket(self._release_run, base, c)
         w = self._w
         brk = w[H_BRK]
         total = 0
-        start = F.round_up(brk, F.PAGE)
-        if start < self._bmo:
+        start = F.round_up(brk, _PAGE)
+        if start < self._meta:
             # Ordered so that a crash at any point leaves only conservative state behind.
             if w[H_HOLE_FROM] > start:
                 w[H_HOLE_FROM] = start
             journal.hit("release")
-            if self._zero_range(start, self._bmo):
-                total += self._bmo - start
+            if self._zero_range(start, self._meta):
+                total += self._meta - start
                 if w[H_ZERO_FROM] > start:
                     w[H_ZERO_FROM] = start
-        for b, size in self._free_list_blocks(2 * F.PAGE):
+        for b, size in self._free_list_blocks(2 * _PAGE):
             w[b >> 3] |= RELEASED
             journal.hit("release")
             if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
                 total += size - MIN_BLOCK - 8
         return total
 
+    def _empty_runs(self) -> list[tuple[int, int]]:
+        """(base, class) of every run with no live slot, found through the class lists (an
+        empty run has all its bitmap words listed). Bounded walks."""
+        w = self._w
+        limit = (w[H_BRK] - _BLOCKS_OFF) // 8 + 1
+        out = []
+        for c in range(F.CLASS_COUNT):
+            seen = set()
+            k = w[C_CLASS_HEADS + c]
+            m = _CWORDS[c]
+            steps = 0
+            while k:
+                base = (k << 3) & -_PAGE
+                if base not in seen and self._is_run(base, c) and self._run_empty(base, c):
+                    seen.add(base)
+                    out.append((base, c))
+                k = w[k + m]
+                steps += 1
+                if steps > limit:
+                    raise CorruptHeapError(f"class {_CSIZE[c]} B list: cycle")
+        return out
+
     def _free_list_blocks(self, min_size: int) -> list[tuple[int, int]]:
         """Free blocks of at least ``min_size`` bytes, read from the bins (bounded walk)."""
         w = self._w
         out = []
-        limit = (self._w[H_BRK] - _BLOCKS_OFF) // MIN_BLOCK + 1
+        limit = (w[H_BRK] - _BLOCKS_OFF) // MIN_BLOCK + 1
         fl0 = F.size_class(min_size)[0]
         for fl in range(fl0, F.FL_COUNT):
             for sl in range(F.SL_COUNT):
                 b = w[C_HEADS + (fl << 5) + sl]
                 steps = 0
                 while b:
-                    size = w[b >> 3] & -8
+                    size = w[b >> 3] & _SZ
                     if size >= min_size:
                         out.append((b, size))
                     b = w[(b >> 3) + 1]
@@ -875,8 +1362,9 @@ class Allocator:
                         raise CorruptHeapError(f"bin ({fl}, {sl}): cycle in the free list")
         return out
 
-    def walk(self) -> Iterator[BlockInfo]:
-        """Yield every block from the first to brk, in address order. O(blocks).
+    def walk(self, slots: bool = False) -> Iterator[BlockInfo]:
+        """Yield every block from the first to brk, in address order; with ``slots``, each run
+        is followed by its slots. O(blocks + slots).
 
         Bounded: a header that would loop or run past brk raises CorruptHeapError.
         """
@@ -885,19 +1373,49 @@ class Allocator:
         brk = w[H_BRK]
         while b < brk:
             hdr = w[b >> 3]
-            size = hdr & -8
+            size = hdr & _SZ
             if size < MIN_BLOCK or b + size > brk:
                 raise CorruptHeapError(f"offset {b}: block size {size} (header {hdr:#x}) is "
                                        f"below {MIN_BLOCK} or runs past brk {brk}")
-            yield BlockInfo(b + 8, size, bool(hdr & FREE))
+            if F.is_run(hdr):
+                yield BlockInfo(b + 8, size, False, "run")
+                if slots:
+                    yield from self._slots(b + 8, F.run_class(hdr))
+            else:
+                yield BlockInfo(b + 8, size, bool(hdr & FREE), "block")
             b += size
 
+    def _slots(self, base: int, c: int) -> Iterator[BlockInfo]:
+        size = _CSIZE[c]
+        first = base + _CFIRST[c]
+        bi = base >> 3
+        w = self._w
+        for idx in range(_CSLOTS[c]):
+            yield BlockInfo(first + idx * size, size, bool(w[bi + (idx >> 6)] >> (idx & 63) & 1),
+                            "slot")
+
     def stats(self) -> HeapStats:
-        """Used and free bytes, block counts, largest free block, fragmentation. O(blocks)."""
+        """Used and free bytes, blocks, runs and slots, largest free block, fragmentation.
+        O(blocks + runs)."""
         w = self._w
         used_n = used = payload = free_n = free_b = largest = 0
+        runs = run_bytes = used_slots = free_slots = 0
         for blk in self.walk():
-            if blk.free:
+            if blk.kind == "run":
+                hdr = w[(blk.offset >> 3) - 1]
+                c = F.run_class(hdr)
+                if c >= F.CLASS_COUNT:
+                    raise CorruptHeapError(f"offset {blk.offset - 8}: run class {c} unknown")
+                runs += 1
+                run_bytes += blk.size
+                nfree = sum(bin(w[(blk.offset >> 3) + j] & mask).count("1")
+                            for j, mask in enumerate(_CMASKS[c]))
+                free_slots += nfree
+                live = _CSLOTS[c] - nfree
+                used_slots += live
+                used += live * _CSIZE[c]
+                payload += live * _CSIZE[c]
+            elif blk.free:
                 free_n += 1
                 free_b += blk.size
                 largest = max(largest, blk.size)
@@ -906,12 +1424,13 @@ class Allocator:
                 used += blk.size
                 payload += blk.size - 8
         brk = w[H_BRK]
-        wild = self._bmo - brk
+        wild = self._meta - brk
         largest = max(largest, wild)
         total_free = free_b + wild
         frag = 1.0 - largest / total_free if total_free else 0.0
-        return HeapStats(self._cap, brk - _BLOCKS_OFF, wild, used_n, used, payload, free_n,
-                         free_b, largest, frag, w[H_PEAK_BRK], w[H_GENERATION])
+        return HeapStats(self._cap, brk - _BLOCKS_OFF, wild, used_n + used_slots, used, payload,
+                         free_n, free_b, largest, frag, w[H_PEAK_BRK], w[H_GENERATION], runs,
+                         run_bytes, used_slots, free_slots)
 
     # -- invariants ---------------------------------------------------------------------------
 
@@ -920,62 +1439,186 @@ class Allocator:
 
         ``progress``, if given, is called with the fraction done (0.0 to 1.0) now and then.
 
-        Header fields in range; every block's tags sane (size, alignment, footer = size, PREV_FREE
-        matches the previous block, no two adjacent free blocks, no free block touching brk);
-        allocation bitmap set exactly at used blocks; every free block in exactly its own bin
-        exactly once, links symmetric, no cycles (walks are bounded); bitmaps match the bins.
-        O(blocks + capacity / 512).
+        Header fields in range and consistent with the file; every block's tags sane (size,
+        alignment, footer = size, PREV_FREE matches the previous block, no two adjacent free
+        blocks, no free block touching brk); every run sane (page-aligned, its class, no bit
+        past its slots, page map bytes); the page map and the allocation bitmap set exactly at
+        runs and used blocks; every free block in exactly its own bin exactly once, links
+        symmetric, no cycles (walks are bounded by what the heap can hold); bitmaps match the
+        bins; every bitmap word with a free slot on its class's list exactly once; entries and
+        the transaction log name live blocks; the bytes above zero_from are zero.
+        O(blocks + capacity / 60).
         """
         w = self._w
         cap = self._cap
+        if w[H_CAPACITY] != cap:
+            raise CorruptHeapError(f"{F.at('capacity')}: {w[H_CAPACITY]} differs from the "
+                                   f"mapping {cap}")
+        F.validate_fields(w, self._r.file_size())
+        report = progress or _no_progress
+
+        # 1. The boundary-tag walk (the truth), runs included.
+        free_blocks, used_blocks, runs = self.check_tags(report)
+
+        # 2. The page map and the allocation bitmap agree with the walk.
+        self._check_page_map(runs)
+        self._check_alloc_bitmap(used_blocks, runs)
+        report(0.85)
+
+        # 3. Entries and the transaction log.
+        for name, i in [*F.ENTRIES.items(), ("txlog", F.H_TXLOG)]:
+            v = w[i]
+            if v and v - 8 not in used_blocks and not self._slot_live(v, runs):
+                raise CorruptHeapError(f"{F.at(name)}: {v} is not a live block (freed while "
+                                       "still named here, or damaged)")
+
+        # 4. The bins and the class lists.
+        self._check_bins(free_blocks)
+        self._check_class_lists(runs)
+        report(0.95)
+
+        # 5. Nothing above zero_from is anything but zero (calloc trusts it).
+        self._check_zeros()
+        report(1.0)
+
+    def check_tags(self, progress: Callable[[float], None] | None = None
+                   ) -> tuple[dict[int, int], set[int], dict[int, int]]:
+        """Walk the boundary tags alone (the truth); return (free blocks by size, used blocks,
+        runs by base -> class).
+
+        Raises CorruptHeapError naming the first bad tag. Reads only. O(blocks).
+        """
+        w = self._w
         brk = w[H_BRK]
 
         def bad(off: int, msg: str) -> CorruptHeapError:
             return CorruptHeapError(f"offset {off}: {msg}")
 
-        if w[H_CAPACITY] != cap:
-            raise bad(128, f"header capacity {w[H_CAPACITY]} differs from the mapping {cap}")
-        if not _BLOCKS_OFF <= brk <= self._bmo or brk & 7:
-            raise bad(136, f"brk {brk} outside [{_BLOCKS_OFF}, {self._bmo}] or misaligned")
-        if not brk <= w[H_ZERO_FROM] <= self._bmo or not brk <= w[H_PEAK_BRK] <= self._bmo:
-            raise bad(144, f"expected brk {brk} <= zero_from {w[H_ZERO_FROM]} and peak_brk "
-                           f"{w[H_PEAK_BRK]}, both <= bitmap offset {self._bmo}")
-        if w[H_HOLE_FROM] > self._bmo:
-            raise bad(152, f"hole_from {w[H_HOLE_FROM]} past the bitmap offset {self._bmo}")
+        if not _BLOCKS_OFF <= brk <= self._meta or brk & 7:
+            raise CorruptHeapError(f"{F.at('brk')}: {brk} outside [{_BLOCKS_OFF}, "
+                                   f"{self._meta}] or misaligned")
+        free_blocks: dict[int, int] = {}
+        used_blocks: set[int] = set()
+        runs: dict[int, int] = {}
+        b = _BLOCKS_OFF
+        prev_free = False
+        span = max(brk - _BLOCKS_OFF, 1)
+        tick = 0
+        while b < brk:
+            if progress is not None:
+                tick += 1
+                if tick & 0xFFFF == 0:
+                    progress(0.7 * (b - _BLOCKS_OFF) / span)  # the walk is most of the work
+            hdr = w[b >> 3]
+            size = hdr & _SZ
+            if size < MIN_BLOCK or b + size > brk or hdr >> 56:
+                raise bad(b, f"block size {size} (header {hdr:#x}) below {MIN_BLOCK}, past "
+                             f"brk {brk}, or stray high bits")
+            if bool(hdr & PREV_FREE) != prev_free:
+                raise bad(b, f"PREV_FREE bit is {bool(hdr & PREV_FREE)} but the previous block "
+                             f"is {'free' if prev_free else 'used'}")
+            if hdr & FREE:
+                if prev_free:
+                    raise bad(b, "two adjacent free blocks (missed coalesce)")
+                if w[(b + size >> 3) - 1] != size:
+                    raise bad(b, f"free block footer {w[(b + size >> 3) - 1]} != size {size}")
+                if hdr >> F.CLASS_SHIFT:
+                    raise bad(b, f"free block header {hdr:#x} has class bits")
+                free_blocks[b] = size
+                prev_free = True
+            else:
+                if hdr & RUN:
+                    self._check_run(b, hdr)
+                    runs[b + 8] = F.run_class(hdr)
+                elif hdr >> F.CLASS_SHIFT:
+                    raise bad(b, f"used block header {hdr:#x} has class bits but no RUN bit")
+                used_blocks.add(b)
+                prev_free = False
+            b += size
+        if prev_free:
+            raise bad(b, "the block below brk is free (it should have merged into the wilderness)")
+        return free_blocks, used_blocks, runs
 
-        # 1. The boundary-tag walk.
-        free_blocks, used_blocks = self.check_tags(progress)
+    def _check_run(self, b: int, hdr: int) -> None:
+        c = F.run_class(hdr)
+        if c >= F.CLASS_COUNT:
+            raise CorruptHeapError(f"offset {b}: run header {hdr:#x} names class {c}; there are "
+                                   f"{F.CLASS_COUNT}")
+        if (b + 8) % _PAGE or hdr & _SZ != F.CLASS_PAGES[c] * _PAGE:
+            raise CorruptHeapError(f"offset {b}: run of class {_CSIZE[c]} B is not page-aligned "
+                                   f"or not {F.CLASS_PAGES[c]} pages ({hdr & _SZ} bytes)")
+        bi = (b + 8) >> 3
+        for j, mask in enumerate(_CMASKS[c]):
+            if self._w[bi + j] & ~mask:
+                raise CorruptHeapError(f"offset {(bi + j) * 8}: run bitmap word {j} has bits "
+                                       f"past the run's {_CSLOTS[c]} slots")
 
-        # 2. The allocation bitmap agrees with the walk.
-        bm_words = F.bitmap_bytes(cap) >> 3
-        base = self._bmw
+    def _slot_live(self, p: int, runs: dict[int, int]) -> bool:
+        base = p & -_PAGE
+        for base in (base, base - _PAGE, base - 2 * _PAGE, base - 3 * _PAGE):
+            c = runs.get(base)
+            if c is not None:
+                d = p - base - _CFIRST[c]
+                size = _CSIZE[c]
+                if d < 0 or d % size or d // size >= _CSLOTS[c]:
+                    return False
+                idx = d // size
+                return not (self._w[(base >> 3) + (idx >> 6)] >> (idx & 63)) & 1
+        return False
+
+    def _check_page_map(self, runs: dict[int, int]) -> None:
+        want: dict[int, int] = {}
+        for base, c in runs.items():
+            for i in range(F.CLASS_PAGES[c]):
+                want[(base >> 12) + i] = F.page_map_byte(c, i)
+        pm = bytes(self._b[self._meta:self._meta + F.page_map_bytes(self._cap)])
+        pages = self._cap // _PAGE
+        for i in range(len(pm)):
+            v = pm[i]
+            if v != want.get(i, 0):
+                if i >= pages and v:
+                    raise CorruptHeapError(f"offset {self._meta + i}: page-map byte {v} for a "
+                                           "page past the capacity")
+                raise CorruptHeapError(f"offset {self._meta + i}: page-map byte of page {i} is "
+                                       f"{v}, expected {want.get(i, 0)}")
+
+    def _check_alloc_bitmap(self, used_blocks: set[int], runs: dict[int, int]) -> None:
+        w = self._w
+        mm = self._r.mm
+        base = self._bmw << 3
         seen = 0
-        for k in range(bm_words):
-            x = w[base + k]
-            while x:
-                low = x & -x
-                bi = (k << 6) + low.bit_length() - 1
-                off = bi << 3
-                if off not in used_blocks:
-                    raise bad(off, "allocation bitmap bit set but no used block starts here")
-                seen += 1
-                x ^= low
+        zeros = _ZEROS[:4096]
+        for lo, hi in self._r.data_ranges(base, self._cap):
+            pos = lo
+            while pos < hi:  # zero stretches are skipped at C speed
+                n = min(4096, hi - pos)
+                if mm[pos:pos + n] != zeros[:n]:
+                    for k in range((pos - base) >> 3, (pos - base + n + 7) >> 3):
+                        x = w[self._bmw + k]
+                        while x:
+                            low = x & -x
+                            off = ((k << 6) + low.bit_length() - 1) << 3
+                            if off not in used_blocks:
+                                raise CorruptHeapError(f"offset {off}: allocation bitmap bit set "
+                                                       "but no used block starts here")
+                            seen += 1
+                            x ^= low
+                pos += n
         if seen != len(used_blocks):
             missing = next(u for u in sorted(used_blocks)
-                           if not (w[base + (u >> 9)] >> ((u >> 3) & 63)) & 1)
-            raise bad(missing, "used block has no allocation bitmap bit")
+                           if not (w[self._bmw + (u >> 9)] >> ((u >> 3) & 63)) & 1)
+            raise CorruptHeapError(f"offset {missing}: used block has no allocation bitmap bit")
 
-        txlog = w[F.H_TXLOG]
-        if txlog and txlog - 8 not in used_blocks:
-            raise bad(F.H_TXLOG * 8, f"transaction log offset {txlog} is not a used block")
-        root = w[F.H_ROOT]
-        if root and root - 8 not in used_blocks:
-            raise bad(F.H_ROOT * 8, f"root offset {root} is not a used block (freed while "
-                                    "still the root, or damaged)")
+    def _check_bins(self, free_blocks: dict[int, int]) -> None:
+        w = self._w
 
-        # 3. The bins: every free block in its own bin exactly once, links symmetric, bounded.
+        def bad(off: int, msg: str) -> CorruptHeapError:
+            return CorruptHeapError(f"offset {off}: {msg}")
+
         in_bins = 0
         fl_map = w[C_FL_BITMAP]
+        if fl_map >> F.FL_COUNT:
+            raise bad(F.CTL_OFF, f"first-level bitmap {fl_map:#x} has bits past {F.FL_COUNT}")
         for fl in range(F.FL_COUNT):
             sl_map = w[C_SL_BITMAP + fl]
             if bool(fl_map >> fl & 1) != bool(sl_map):
@@ -1009,378 +1652,125 @@ class Allocator:
                     in_bins += 1
                     prev = node
                     node = w[(node >> 3) + 1]
-        if fl_map >> F.FL_COUNT:
-            raise bad(F.CTL_OFF, f"first-level bitmap {fl_map:#x} has bits past {F.FL_COUNT}")
         if in_bins != len(free_blocks):
             lost = next(o for o, s in free_blocks.items() if s >= 0)
             raise bad(lost, "free block is in no bin")
-        if progress is not None:
-            progress(1.0)
 
-    def check_tags(self, progress: Callable[[float], None] | None = None
-                   ) -> tuple[dict[int, int], set[int]]:
-        """Walk the boundary tags alone (the truth); return (free blocks by size, used blocks).
+    def _check_class_lists(self, runs: dict[int, int]) -> None:
+        w = self._w
+        want: dict[int, int] = {}  # bitmap word index -> class, for words with a free slot
+        for base, c in runs.items():
+            for j in range(_CWORDS[c]):
+                if w[(base >> 3) + j]:
+                    want[(base >> 3) + j] = c
+        seen = 0
+        for c in range(F.CLASS_COUNT):
+            h = C_CLASS_HEADS + c
+            k = w[h]
+            prev = 0
+            m = _CWORDS[c]
+            while k:
+                if want.get(k) != c:
+                    raise CorruptHeapError(
+                        f"offset {h * 8 if not prev else (prev + m) * 8}: class {_CSIZE[c]} B "
+                        f"list links word {k}, which is not a bitmap word of such a run with a "
+                        "free slot (or it is listed twice)")
+                if w[k + 2 * m] != prev:
+                    raise CorruptHeapError(f"offset {(k + 2 * m) * 8}: prev link "
+                                           f"{w[k + 2 * m]} != {prev} in the class "
+                                           f"{_CSIZE[c]} B list")
+                del want[k]
+                seen += 1
+                prev = k
+                k = w[k + m]
+            cached = w[C_CLASS_CACHE + c]
+            if cached and runs.get(cached) != c:
+                # A hint may go stale only in one way: its run was given back and reused.
+                if cached in runs or cached & (_PAGE - 1):
+                    raise CorruptHeapError(f"offset {(C_CLASS_CACHE + c) * 8}: class cache names "
+                                           f"{cached}, a run of another class or no page")
+        if want:
+            k = min(want)
+            raise CorruptHeapError(f"offset {k * 8}: run bitmap word with a free slot is not on "
+                                   f"its class {_CSIZE[want[k]]} B list")
 
-        Raises CorruptHeapError naming the first bad tag. Reads only. O(blocks).
+    def _check_zeros(self) -> None:
+        zf = self._w[H_ZERO_FROM]
+        mm = self._r.mm
+        step = 1 << 20
+        for lo, hi in self._r.data_ranges(zf, self._meta):
+            pos = lo
+            while pos < hi:
+                n = min(step, hi - pos)
+                if mm[pos:pos + n] != _ZEROS[:n]:
+                    chunk = mm[pos:pos + n]
+                    at = next(i for i, x in enumerate(chunk) if x)
+                    raise CorruptHeapError(f"offset {pos + at}: byte {chunk[at]:#x} above "
+                                           f"zero_from {zf}, where every byte must be zero")
+                pos += n
+
+    # -- rebuilding the index from the truth ----------------------------------------------------
+
+    def rebuild(self) -> int:
+        """Recreate the bins, bin bitmaps, class lists, page map and allocation bitmap from the
+        boundary tags and the runs' slot bitmaps. O(blocks). Returns the free blocks indexed.
+
+        Writes without the journal (a rebuild can change more words than any journal holds);
+        the caller marks the header so that a crash half way rebuilds again.
         """
         w = self._w
-        brk = w[H_BRK]
-
-        def bad(off: int, msg: str) -> CorruptHeapError:
-            return CorruptHeapError(f"offset {off}: {msg}")
-
-        if not _BLOCKS_OFF <= brk <= self._bmo or brk & 7:
-            raise bad(136, f"brk {brk} outside [{_BLOCKS_OFF}, {self._bmo}] or misaligned")
-        free_blocks: dict[int, int] = {}
-        used_blocks: set[int] = set()
-        b = _BLOCKS_OFF
-        prev_free = False
-        span = max(brk - _BLOCKS_OFF, 1)
-        tick = 0
-        while b < brk:
-            if progress is not None:
-                tick += 1
-                if tick & 0xFFFF == 0:
-                    progress(0.8 * (b - _BLOCKS_OFF) / span)  # the walk is most of the work
-            hdr = w[b >> 3]
-            size = hdr & -8
-            if size < MIN_BLOCK or b + size > brk:
-                raise bad(b, f"block size {size} (header {hdr:#x}) below {MIN_BLOCK} or past "
-                             f"brk {brk}")
-            if bool(hdr & PREV_FREE) != prev_free:
-                raise bad(b, f"PREV_FREE bit is {bool(hdr & PREV_FREE)} but the previous block "
-                             f"is {'free' if prev_free else 'used'}")
-            if hdr & FREE:
-                if prev_free:
-                    raise bad(b, "two adjacent free blocks (missed coalesce)")
-                if w[(b + size >> 3) - 1] != size:
-                    raise bad(b, f"free block footer {w[(b + size >> 3) - 1]} != size {size}")
-                free_blocks[b] = size
-                prev_free = True
-            else:
-                if hdr & RELEASED:
-                    raise bad(b, "RELEASED flag on a used block")
-                used_blocks.add(b)
-                prev_free = False
-            b += size
-        if prev_free:
-            raise bad(b, "the block below brk is free (it should have merged into the wilderness)")
-
-        return free_blocks, used_blocks
-
-    def rebuild_bins(self) -> int:
-        """Recreate bins, bitmaps and the allocation bitmap from the boundary tags. O(blocks).
-
-        Returns the number of free blocks indexed. Used by recovery and ``repair``.
-        """
-        w = self._w
-        for i in range(C_FL_BITMAP, C_HEADS + F.FL_COUNT * F.SL_COUNT):
+        free_blocks, used_blocks, runs = self.check_tags()
+        for i in range(C_FL_BITMAP, F.CTL_END >> 3):
             w[i] = 0
-        bm_bytes = F.bitmap_bytes(self._cap)
-        self._memset0(self._bmo, self._bmo + bm_bytes)
-        count = 0
-        for blk in list(self.walk()):
-            b = blk.offset - 8
-            if blk.free:
-                self._insert(b, blk.size)
-                count += 1
-            else:
-                bi = b >> 3
-                w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
-        return count
+        self._memset0(self._meta, self._cap)
+        for b in used_blocks:
+            bi = b >> 3
+            w[self._bmw + (bi >> 6)] |= 1 << (bi & 63)
+        for b, size in sorted(free_blocks.items()):
+            self._raw_insert(b, size)
+        pm = self._b
+        for base, c in sorted(runs.items()):
+            for i in range(F.CLASS_PAGES[c]):
+                pm[self._meta + (base >> 12) + i] = F.page_map_byte(c, i)
+            m = _CWORDS[c]
+            for j in range(m):
+                k = (base >> 3) + j
+                if w[k]:
+                    nx = w[C_CLASS_HEADS + c]
+                    w[k + m] = nx
+                    w[k + 2 * m] = 0
+                    if nx:
+                        w[nx + 2 * m] = k
+                    w[C_CLASS_HEADS + c] = k
+        return len(free_blocks)
 
-
-# ---------------------------------------------------------------------------------------------
-# The journaled twin
-# ---------------------------------------------------------------------------------------------
-
-#: Methods that change allocator state inside an operation. Their journaled versions are made
-#: from their own source by one mechanical rewrite (below), so there is one allocator to read and
-#: to fix, and journaling costs nothing when it is off.
-JOURNALED_METHODS: Final = ("malloc", "_from_wilderness", "_back_wilderness", "_grow", "free",
-                            "_free_block", "_insert", "_unlink", "realloc", "_split_tail",
-                            "memalign", "set_root")
-
-
-class _LogWrites(ast.NodeTransformer):
-    """Rewrite ``w[i] = v`` to ``_jset(i, v)`` and ``w[i] op= v`` to ``_jset(i, w[i] op v)``."""
-
-    @staticmethod
-    def _is_w(node: ast.AST) -> bool:
-        return isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
-            and node.value.id == "w"
-
-    def _call(self, index: ast.expr, value: ast.expr) -> ast.Expr:
-        return ast.Expr(ast.Call(ast.Name("_jset", ast.Load()), [index, value], []))
-
-    def visit_Assign(self, node: ast.Assign) -> ast.AST:
-        if len(node.targets) == 1 and self._is_w(node.targets[0]):
-            return self._call(node.targets[0].slice, node.value)  # type: ignore[attr-defined]
-        return node
-
-    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
-        if self._is_w(node.target):
-            t = node.target
-            old = ast.Subscript(ast.Name("w", ast.Load()), t.slice, ast.Load())  # type: ignore
-            return self._call(t.slice, ast.BinOp(old, node.op, node.value))  # type: ignore
-        return node
-
-
-def _journaled_version(fn: object) -> object:
-    """Compile ``fn`` again with every store to ``w[...]`` going through ``self._jset``."""
-    src = textwrap.dedent(inspect.getsource(fn))  # type: ignore[arg-type]
-    tree = ast.parse(src)
-    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)  # type: ignore[attr-defined]
-    tree = _LogWrites().visit(tree)
-    fdef = tree.body[0]
-    for node in ast.walk(fdef):  # nothing may write the mapping behind the journal's back
-        targets = node.targets if isinstance(node, ast.Assign) else \
-            [node.target] if isinstance(node, ast.AugAssign) else []
-        if any(_LogWrites._is_w(t) for t in targets):
-            raise AssertionError(f"{fn.__name__}: unjournaled store left")  # type: ignore
-    first = 1 if ast.get_docstring(fdef) else 0
-    bind = ast.parse("_jset = self._jset").body[0]
-    ast.copy_location(bind, fdef.body[0])
-    fdef.body.insert(first, bind)
-    ast.fix_missing_locations(tree)
-    ns: dict[str, object] = {}
-    exec(compile(tree, inspect.getsourcefile(fn), "exec"), fn.__globals__, ns)  # type: ignore
-    return ns[fn.__name__]  # type: ignore[attr-defined]
-
-
-_J_ENTRIES: Final = F.J_ENTRIES
-_J_STATE: Final = F.J_STATE
-_J_END: Final = F.J_END
-
-
-class JournaledAllocator(Allocator):
-    """The allocator with every operation made atomic by the undo journal (:mod:`pheap.journal`).
-
-    The caller brackets each operation: :meth:`begin`, the operation, :meth:`commit` (or
-    :meth:`rollback` when it raised). Cost: about 0.1 us per word an operation changes.
-    """
-
-    journaled = True
-
-    in_tx = False  #: a transaction is open: records go to the txlog block, ops do not commit
-    durable = False  #: msync before and after every commit word (durability="power")
-    tx_brk = 0  #: brk when the open transaction began
-    _tx_bmo = 0  #: allocation bitmap offset when the open transaction began
-    _tx_cap = 0  #: capacity when the open transaction began
-
-    def __init__(self, region: Region) -> None:
-        super().__init__(region)
-        self._jpos = _J_ENTRIES
-        self._jend = _J_END
-        self._jbase = _J_ENTRIES
-        self._opstart = _J_ENTRIES
-        self._oppending = 0
-        self._crashy = journal.crashpoints_armed()  # test-only: count crash points
-        if self._crashy:
-            self._jset = self._jset_crash  # type: ignore[method-assign]
-
-    def begin(self) -> None:
-        """Open an operation: from here every word written is journaled first."""
-        if self.in_tx:  # part of the transaction: remember where, to undo just it if it raises
-            self._opstart = self._jpos
-            self._oppending = len(self.pending)
-            return
+    def _raw_insert(self, b: int, size: int) -> None:
+        """_insert without the journal, for rebuild."""
         w = self._w
-        w[_J_ENTRIES] = 0
-        w[_J_STATE] = 1
-        self._jpos = _J_ENTRIES
-        if self._crashy:
-            journal.hit("begin")
-
-    def commit(self) -> None:
-        """Close the operation: the single word that makes all of it permanent."""
-        if self.in_tx:
-            return
-        if self._crashy:
-            journal.hit("commit")
-        if self.durable:  # the operation and its undo log on disk before the commit word
-            self._r.flush()
-            self._w[_J_STATE] = 0
-            self._r.flush()
-            return
-        self._w[_J_STATE] = 0
-
-    def rollback(self) -> None:
-        """Undo the open operation (it raised): every journaled word gets its old value back.
-
-        Inside a transaction only this operation's records are undone; the transaction goes on.
-        """
-        w = self._w
-        if self.in_tx:
-            start, end = self._opstart, self._jend
-            records = journal.records(w, self._cap >> 3, start, self._jbase, end)
-            journal.restore(w, records)
-            if records:
-                journal.forget_zeros(w)
-            w[start] = 0
-            self._jpos = start
-            del self.pending[self._oppending:]
-        else:
-            journal.undo(w, self._cap >> 3)
-            self.pending.clear()
-        if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
-            self.sync()
-
-    def _guard(self, b: int) -> None:
-        """Journal the words of block ``b`` that an undo needs if ``b`` was free before this
-        operation -- its links and its last word (the old footer) -- before calloc's memset or
-        realloc's copy overwrites them without records."""
-        w = self._w
-        bi = b >> 3
-        for i in (bi + 1, bi + 2, bi + ((w[bi] & -8) >> 3) - 1):
-            self._jset(i, w[i])
-
-    # -- transactions ------------------------------------------------------------------------
-
-    def ensure_txlog(self, nbytes: int) -> None:
-        """Make the transaction log block at least ``nbytes`` long (one atomic operation)."""
-        w = self._w
-        cur = w[F.H_TXLOG]
-        if cur:
-            try:
-                self._live_unchecked(cur)
-            except InvalidPointerError as e:
-                raise CorruptHeapError(f"offset {F.H_TXLOG * 8}: transaction log offset {cur} "
-                                       f"is not a live block ({e})") from None
-            if (w[(cur >> 3) - 1] & -8) - 8 >= nbytes:
-                return
-        self.begin()
-        try:
-            new = self.malloc(nbytes)
-            self._jset(F.H_TXLOG, new)
-            if cur:
-                self.free(cur)
-        except BaseException:
-            self.rollback()
-            raise
-        self.commit()
-
-    def tx_begin(self) -> None:
-        """Open a transaction: records go to the txlog block until tx_commit or tx_abort."""
-        w = self._w
-        p = w[F.H_TXLOG]
-        self._jbase = p >> 3
-        self._jend = (p - 8 + (w[(p >> 3) - 1] & -8)) >> 3
-        w[self._jbase] = 0
-        self.tx_brk = w[H_BRK]  # bytes in [tx_brk, _tx_bmo) were in no live block when it began
-        self._tx_bmo = self._bmo
-        self._tx_cap = self._cap
-        w[_J_STATE] = F.J_TX  # from here a crash undoes the transaction
-        self._jpos = self._jbase
-        self.in_tx = True
-        if self._crashy:
-            journal.hit("begin")
-
-    def tx_commit(self, durable: bool = False) -> None:
-        """Make the transaction permanent (one word), then give back pages it freed."""
-        if self._crashy:
-            journal.hit("commit")
-        if durable or self.durable:
-            self._r.flush()
-            self._w[_J_STATE] = 0
-            self._r.flush()
-        else:
-            self._w[_J_STATE] = 0
-        self._tx_end()
-        self.release_pending()
-
-    def tx_abort(self) -> None:
-        """Undo everything the transaction did, last first."""
-        try:
-            journal.undo(self._w, self._cap >> 3)
-        finally:
-            self.pending.clear()
-            self._tx_end()
-        w = self._w
-        if w[H_GENERATION] != self._gen or w[H_CAPACITY] != self._cap:
-            self.sync()
-
-    def txlog_span(self) -> tuple[int, int]:
-        """Byte range [start, end) of the transaction log block, header included ((0, 0): none)."""
-        p = self._w[F.H_TXLOG]
-        if not p:
-            return 0, 0
-        return p - 8, p - 8 + (self._w[(p >> 3) - 1] & -8)
-
-    def _tx_end(self) -> None:
-        self.in_tx = False
-        self._jbase = self._jpos = _J_ENTRIES
-        self._jend = _J_END
-
-    def log_range(self, off: int, n: int) -> None:
-        """Record the current bytes [off, off+n) so that an abort or a crash restores them.
-
-        Bytes that were wilderness when the transaction began -- [tx_brk, bitmap offset then) --
-        are not recorded: they were in no live block, and an undo frees whatever the
-        transaction allocated there; nor are bytes past the capacity it began with. The old
-        allocation bitmap in between, if the heap grew inside the transaction, is recorded.
-        """
-        lo, hi, cap = self.tx_brk, self._tx_bmo, self._tx_cap
-        end = off + n
-        if off < lo:
-            self._log_bytes(off, min(end, lo) - off)
-        if end > hi and off < cap:  # the old bitmap, if the heap grew; past it was no heap
-            start = max(off, hi)
-            self._log_bytes(start, min(end, cap) - start)
-
-    def _log_bytes(self, off: int, n: int) -> None:
-        w = self._w
-        p = self._jpos
-        nw = (n + 7) >> 3
-        if p + 3 + nw >= self._jend:
-            raise TransactionTooLargeError(
-                f"transaction log full: {n} more bytes at offset {off} do not fit in "
-                f"{(self._jend - self._jbase) * 8} bytes of log")
-        if self._crashy:
-            journal.hit("write")
-        self._r.mm.move((p + 2) << 3, off, n)
-        w[p + 1] = off
-        w[p + 2 + nw] = 0
-        w[p] = F.RANGE_FLAG | n  # the record is live from here on
-        self._jpos = p + 2 + nw
-        if self._crashy:
-            journal.hit("write")
-
-    def _jset(self, i: int, v: int) -> None:
-        w = self._w
-        p = self._jpos
-        if p + 2 >= self._jend:
-            raise self._log_full()
-        w[p + 2] = 0  # the next entry's index: keeps the log terminated
-        w[p + 1] = w[i]
-        w[p] = i  # the entry is live from here on
-        self._jpos = p + 2
-        w[i] = v
-
-    def _jset_crash(self, i: int, v: int) -> None:
-        journal.hit("write")
-        w = self._w
-        p = self._jpos
-        if p + 2 >= self._jend:
-            raise self._log_full()
-        w[p + 2] = 0
-        w[p + 1] = w[i]
-        w[p] = i
-        self._jpos = p + 2
-        journal.hit("write")
-        w[i] = v
-
-    def _log_full(self) -> PheapError:
-        if self.in_tx:
-            return TransactionTooLargeError(
-                f"transaction log full ({(self._jend - self._jbase) * 8} bytes)")
-        return PheapError(f"operation changes more than {F.J_CAPACITY} words: too large for the "
-                          "journal")
+        fl, sl = F.size_class(size)
+        h = C_HEADS + (fl << 5) + sl
+        head = w[h]
+        w[(b >> 3) + 1] = head
+        w[(b >> 3) + 2] = 0
+        if head:
+            w[(head >> 3) + 2] = b
+        w[C_SL_BITMAP + fl] |= 1 << sl
+        w[C_FL_BITMAP] |= 1 << fl
+        w[h] = b
 
 
-for _name in JOURNALED_METHODS:
-    setattr(JournaledAllocator, _name, _journaled_version(getattr(Allocator, _name)))
-del _name
+def _aligned_start(b: int, align: int) -> int:
+    """The first block offset at or after ``b`` whose payload is ``align``-aligned and that
+    leaves before it either nothing or room for a free block."""
+    a = ((b + 8 + align - 1) & -align) - 8
+    while 0 < a - b < MIN_BLOCK:
+        a += align
+    return a
 
-__all__ = ["Allocator", "JournaledAllocator", "BlockInfo", "HeapStats", "RELEASE_THRESHOLD",
+
+def _no_progress(fraction: float) -> None:
+    return None
+
+
+__all__ = ["Allocator", "BlockInfo", "HeapStats", "UNJOURNALED", "RELEASE_THRESHOLD",
            "TRIM_THRESHOLD", "TOP_PAD"]

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 
 from . import __version__
 from . import format as F
-from .errors import CorruptHeapError, FormatError, PheapError
-from .heap import Heap, validate_header
+from .errors import CorruptHeapError, DamagedJournalError, FormatError, PheapError
+from .format import validate_header
+from .heap import Heap
 from .heap import open as open_heap
 
 EXIT_OK = 0
@@ -42,7 +43,7 @@ EXIT_NEEDS_RECOVERY = 5
 
 def _pending_journal(path: str) -> int:
     """Undo records a dead process left in the journal (0 when none), read without locking."""
-    from .journal import pending_entries
+    from .journal import pending_records
     from .region import Region
 
     if not os.path.exists(path):
@@ -57,7 +58,7 @@ def _pending_journal(path: str) -> int:
         (cap,) = struct.unpack_from("<Q", head, F.H_CAPACITY * 8)
         region = Region.open_file(path, os.fstat(fd).st_size & ~(F.PAGE - 1), readonly=True)
         try:
-            return max(1, len(pending_entries(region.w, region.size >> 3)))
+            return max(1, len(pending_records(region.w, region.size >> 3)))
         except CorruptHeapError:
             return -1  # a journal that cannot be replayed: repair discards it
         finally:
@@ -202,9 +203,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         try:
             with _open(args.file, "w") as h:  # opening read-write undoes the journal
                 report = h.repair()
-        except CorruptHeapError as e:
-            if "journal" not in str(e):
-                raise
+        except DamagedJournalError as e:
             # The journal itself is damaged: it cannot be replayed, so it is discarded (the
             # operation it described stays half done; the rebuild below indexes what the tags say).
             _discard_journal(args.file)

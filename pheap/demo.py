@@ -43,7 +43,7 @@ def _worker(path: str, worker: int, records: int) -> None:
                     h.write(off, data)
                     h.write(index + 8 * i, struct.pack("<Q", off))
         with h.lock():
-            h.write(h.root + SLOT.size * worker, SLOT.pack(index, records))
+            h.write(h.root_offset + SLOT.size * worker, SLOT.pack(index, records))
 
 
 VERIFY = r"""
@@ -55,7 +55,7 @@ with pheap.open(path, "r") as h:
     opened = time.perf_counter() - t0
     n = 0
     for w in range(workers):
-        index, count = struct.unpack("<QQ", h.read(h.root + 16 * w, 16))
+        index, count = struct.unpack("<QQ", h.read(h.root_offset + 16 * w, 16))
         for i in range(count):
             (off,) = struct.unpack("<Q", h.read(index + 8 * i, 8))
             want = f"worker {w} record {i}: {'x' * (i % 97)}".encode()
@@ -81,7 +81,7 @@ def run_demo(workers: int = 4, records: int = 20000, path: str | None = None) ->
         path = os.path.join(tmp, "demo.heap")
     print(f"pheap demo: {workers} processes x {records} records into {path}")
     with open_heap(path, "n") as h:
-        h.root = h.calloc(workers, SLOT.size)
+        h.root_offset = h.calloc(workers, SLOT.size)
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     t0 = time.perf_counter()
     procs = [ctx.Process(target=_worker, args=(path, w, records)) for w in range(workers)]

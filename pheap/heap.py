@@ -1,41 +1,53 @@
-"""The public heap: a region, its lock and its allocator, behind one object.
+"""The public heap: a region, its lock, its journal and its allocator, behind one object.
 
 >>> import pheap, tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "demo.heap")
 >>> with pheap.open(path, "c") as h:
 ...     off = h.malloc(5)
 ...     h.write(off, b"hello")
-...     h.root = off
+...     h.root_offset = off
 >>> with pheap.open(path, "r") as h:      # later, from any process
-...     h.read(h.root, 5)
+...     h.read(h.root_offset, 5)
 b'hello'
+
+Structure. A :class:`Heap` is a handle. What it handles is a :class:`Core`: the mapping, the
+lock, the journal and the allocator of one heap in this process. Every handle of one heap file
+(or memfd) in a process shares one core -- ``pheap.open`` of the same file twice, a pickle round
+trip, ``copy.copy`` -- so the handles share one lock and one journal: ``with a.lock():
+b.malloc(8)`` re-enters the lock instead of deadlocking, and an operation through ``b`` inside a
+transaction of ``a`` joins the transaction. The core closes when its last handle does.
+
+Sessions. ``with heap.lock() as s``, ``with heap.atomic() as s`` and ``with heap.transaction() as
+s`` yield a :class:`Session`: the narrow surface the layers above use (allocate, free, words and
+bytes inside live blocks), bounds-checked against the live block and journaled where the bracket
+needs it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
-import struct
+import stat
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Final
 
 from . import format as F
-from . import journal
-from .allocator import Allocator, BlockInfo, HeapStats, JournaledAllocator
+from . import journal as J
+from .allocator import Allocator, BlockInfo, HeapStats
 from .errors import (
     CorruptHeapError,
     FormatError,
-    PheapError,
-    TransactionTooLargeError,
     HeapClosedError,
     InvalidPointerError,
     InvalidSizeError,
+    NeedsRecoveryError,
     ReadOnlyError,
+    TransactionStateError,
+    TransactionTooLargeError,
 )
-from .lock import HeapLock
+from .journal import Journal
+from .lock import HeapLock, try_exclusive
 from .region import Region, allocate
 
 DEFAULT_SIZE: Final = 1 << 20  #: initial capacity of a new heap, bytes (it grows on demand)
@@ -43,74 +55,566 @@ TX_LOG_SIZE: Final = 256 * 1024  #: undo log a transaction starts with, bytes (g
 FILE_MODE: Final = 0o600  #: permissions of new heap files: owner only
 
 _get_ident = threading.get_ident
+_SEEK_END: Final = os.SEEK_END
+_H_GENERATION: Final = F.H_GENERATION
+_H_OWNER_PID: Final = F.H_OWNER_PID
+_H_ROOT: Final = F.H_ROOT
+_H_OBJECTS: Final = F.H_OBJECTS
+_H_OBJ_SEQ: Final = F.H_OBJ_SEQ
+_J_STATE: Final = F.J_STATE
+_cores: dict[tuple[int, int], Core] = {}  # one core per heap file/memfd in this process
+_cores_lock = threading.Lock()
 
-__all__ = ["Heap", "open", "anonymous", "memfd", "DEFAULT_SIZE"]
+__all__ = ["Heap", "Session", "Core", "open", "anonymous", "memfd", "DEFAULT_SIZE"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Header: writing a new one, validating an existing one
+# The core: one per mapped heap per process
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_header(region: Region, max_size: int) -> None:
-    mm = region.mm
-    w = region.w
-    mm[0:8] = F.MAGIC
-    w[F.H_VERSION] = F.FORMAT_VERSION
-    w[F.H_FEATURES] = 0
-    w[F.H_BYTE_ORDER] = F.BYTE_ORDER_MARK
-    mm[F.H_UUID * 8:F.H_UUID * 8 + 16] = secrets.token_bytes(16)
-    w[F.H_CTL_OFF] = F.CTL_OFF
-    w[F.H_BLOCKS_OFF] = F.BLOCKS_OFF
-    w[F.H_CREATED] = time.time_ns()
-    w[F.H_FL_COUNT] = F.FL_COUNT
-    w[F.H_SL_COUNT] = F.SL_COUNT
-    w[F.H_CRC] = F.header_crc(mm)
-    Allocator.format_region(region, max_size)
+class Core(Allocator):
+    """The mapping, lock, journal and allocator of one heap in this process (shared by all its
+    handles). Its public methods are the allocator's; this class adds the lock around them,
+    recovery, brackets and the bounds-checked data access."""
+
+    def __init__(self, region: Region, *, lock_timeout: float | None = None,
+                 durability: str = "process", key: tuple[int, int] | None = None) -> None:
+        if durability not in ("process", "power"):
+            raise ValueError(f"durability must be 'process' or 'power', not {durability!r}")
+        super().__init__(region, Journal(region, durable=durability == "power"))
+        self.region = region
+        self.readonly = region.readonly
+        self.durability = durability
+        self.lock_timeout = lock_timeout
+        self.key = key
+        #: descriptor the truncation guard lseeks on acquisition (-1: a memfd sealed against
+        #: shrinking, or an anonymous region, cannot be truncated)
+        self._guard_fd = region.fd if region.kind == "file" or (region.kind == "memfd" and
+                                                                not region.sealed) else -1
+        #: whether the single-store fast paths may run: not under durability "power" (every
+        #: operation msyncs its commit), nor while crash points are armed (the crash sweeps
+        #: run the journaled path of every shape; the fast path's one store is atomic anyway)
+        self._fast_ok = durability == "process" and not self._j._crashy
+        self.handles = 0  #: open handles of this core
+        self.closed = False
+        self.tx_log_want = TX_LOG_SIZE
+        self._lock_fd_source = -1
+        if region.kind == "anon":
+            # An anonymous mapping has no file to flock: a memfd stands in for it, inherited by
+            # forked children like the mapping itself.
+            self._lock_fd_source = os.memfd_create("pheap-lock", os.MFD_CLOEXEC)
+            src = self._lock_fd_source
+        else:
+            src = region.fd
+        self.lock = HeapLock(lambda: os.open(f"/proc/self/fd/{src}",
+                                             os.O_RDONLY | os.O_CLOEXEC),
+                             shared=self.readonly)
+        self.lock.on_acquire = self._on_acquire
+        self.lock.on_release = self._on_release
+        self.lock.on_fork_child = self._after_fork_in_child
+        self._validated = False
+        # Recovers at once if a process died inside an operation; validates the header fields.
+        self.acquire()
+        self.lock.release()
+
+    # -- lock and recovery -------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Take the heap lock (re-entrant); ``timeout`` None uses the heap's ``lock_timeout``."""
+        if self.closed:
+            raise HeapClosedError("the heap is closed")
+        if timeout is None:
+            timeout = self.lock_timeout
+        if timeout is None:
+            self.lock.acquire()
+        else:
+            self.lock.acquire(timeout, self._holder_pid)
+
+    def _holder_pid(self) -> int:
+        try:
+            return int(self._w[F.H_OWNER_PID])
+        except Exception:
+            return 0
+
+    def _on_acquire(self) -> None:
+        # Runs after every outermost acquisition, so it is kept to a few word reads and, for
+        # files, one lseek (the names are module constants: each F.X costs ~25 ns).
+        if self.closed:
+            raise HeapClosedError("the heap is closed")
+        fd = self._guard_fd
+        if fd >= 0 and os.lseek(fd, 0, _SEEK_END) < self._cap:
+            # Foreign truncation guard: touching bytes past the end of the file would SIGBUS.
+            raise CorruptHeapError(f"{F.at('capacity')}: the file is "
+                                   f"{os.lseek(fd, 0, _SEEK_END)} bytes, shorter than the "
+                                   f"heap's capacity {self._cap}: something truncated it")
+        w = self._w
+        if w[_H_GENERATION] != self._gen or w is not self.region.w:
+            self.sync()
+            w = self._w
+        if self.readonly:
+            if w[_J_STATE]:
+                raise NeedsRecoveryError(
+                    f"{F.at('j_state')}: a process died inside an operation and its undo "
+                    "records are pending; open the heap read-write (or run `pheap repair`) to "
+                    "undo it")
+            if not self._validated:
+                F.validate_fields(w, self.region.file_size(), self.region.path or "heap")
+                self._validated = True
+            return
+        if w[_H_OWNER_PID] or w[_J_STATE]:  # the last holder died inside, or left work: recover
+            self._recover()
+            w = self._w  # recovery may have remapped (an undone growth)
+        if not self._validated:  # once per core: the fields a forged or damaged file may lie in
+            F.validate_fields(w, self.region.file_size(), self.region.path or "heap")
+            self._validated = True
+        w[_H_OWNER_PID] = self.lock.pid
+        self._pins = (w[_H_ROOT], w[_H_OBJECTS])
+        me = self.lock.owner
+        self.held = me
+        if not self._j.mode and self._fast_ok:
+            self.fast = me
+
+    def _on_release(self) -> None:
+        self.fast = 0
+        self.held = 0
+        if self.readonly or self.closed:
+            return
+        w = self._w
+        if not (w[_J_STATE] or w[_H_OBJ_SEQ] & 1):  # else the next acquirer recovers
+            w[_H_OWNER_PID] = 0
+
+    def _after_fork_in_child(self) -> None:
+        # A child forked inside a transaction or a lock hold of its parent is in neither: it
+        # takes the lock afresh, and its operations journal on their own.
+        self.fast = 0
+        self.held = 0
+        self._j.reset()
+        self.pending.clear()
+
+    def _recover(self) -> None:
+        """The last holder died holding the lock, or an operation of this process was cut off
+        by an exception it could not finish undoing: make the heap whole again.
+
+        Pending undo records are restored, O(records). A holder that died inside a rebuild
+        leaves it to be done again, O(blocks). A holder that died between operations left
+        nothing to do but count the recovery. Records that fail their checks raise
+        DamagedJournalError and change nothing (``pheap repair`` discards them).
+        """
+        r = self.region
+        w = self._w
+        state = w[F.H_OWNER_STATE]
+        if w[F.J_STATE]:
+            # Records may name words past the capacity the header shows now (a growth whose
+            # capacity word an earlier, interrupted recovery already put back): map the whole
+            # file so that every record can be checked and restored again.
+            fsize = r.file_size() & ~(F.PAGE - 1)
+            if fsize > r.size:
+                r.remap(fsize)
+                self._adopt()
+            J.undo(self._w, r.size >> 3)
+            self._gen = -1  # force the remap to the restored capacity
+        self._j.reset()
+        self.pending.clear()
+        self.sync()
+        w = self._w
+        if state == F.STATE_REBUILD:
+            self.rebuild()
+        if w[F.H_OBJ_SEQ] & 1:
+            w[F.H_OBJ_SEQ] += 1  # a writer of the object layer died: readers may go on
+        w[F.H_RECOVERIES] += 1
+        w[F.H_OWNER_STATE] = F.STATE_IDLE
+        w[F.H_OWNER_PID] = 0
+
+    # -- the operation path ------------------------------------------------------------------
+
+    def _locked(self, method: Any, fn: Any, *args: Any) -> Any:
+        """A modifying call made without the lock: check the heap is writable and open (the
+        one writability check of every modifying call), take the lock, call ``method(*args)``
+        again (now it may take its fast path), release."""
+        if self.readonly:
+            raise ReadOnlyError("modifying operation on a heap opened read-only (flag 'r')")
+        if self.closed:
+            raise HeapClosedError("the heap is closed")
+        if self.lock_timeout is not None:
+            self.acquire()
+            try:
+                return method(*args)
+            finally:
+                self.lock.release()
+        return self.lock.call(method, *args)
+
+    def locked(self, timeout: float | None = None) -> _Held:
+        """``with core.locked():`` holds the lock (re-entrant)."""
+        return _Held(self, timeout)
+
+    # -- brackets ------------------------------------------------------------------------------
+
+    def open_bracket(self, mode: int, log_size: int = 0) -> bool:
+        """With the lock held: open an atomic bracket or a transaction, or join the open one.
+        Returns whether this call opened it (and must close it)."""
+        if self.readonly:
+            raise ReadOnlyError("atomic()/transaction() on a heap opened read-only")
+        j = self._j
+        if j.mode >= J.ATOMIC:
+            if mode == J.TX and j.mode == J.ATOMIC:
+                raise TransactionStateError("transaction() inside atomic(): an atomic bracket "
+                                            "cannot grow into a transaction; open the "
+                                            "transaction first")
+            return False
+        if j.mode:
+            raise TransactionStateError("a bracket opened inside an allocator operation")
+        if mode == J.TX:
+            self._ensure_txlog(max(log_size, self.tx_log_want))
+        if self.pending:
+            self.release_pending()
+        self.fast = 0
+        try:
+            j.open_bracket(mode, self._meta)
+        except BaseException:
+            if j.mode or self._w[F.J_STATE]:
+                self.close_bracket(False)
+            raise
+        return True
+
+    def close_bracket(self, commit: bool, durable: bool = False) -> None:
+        """Commit or undo the open bracket; then give back pages it freed."""
+        try:
+            self._j.close_bracket(commit, durable)
+        finally:
+            if not commit:
+                self.pending.clear()
+                self.after_undo()
+        if commit and self.pending:
+            self.release_pending()
+        if self._fast_ok and self.lock.owner == _get_ident():
+            self.fast = self.lock.owner
+
+    def _ensure_txlog(self, nbytes: int) -> None:
+        """Make the transaction log block at least ``nbytes`` long (one atomic operation)."""
+        w = self._w
+        cur = w[F.H_TXLOG]
+        if cur:
+            try:
+                b = self._block_of(cur)
+            except InvalidPointerError as e:
+                raise CorruptHeapError(f"{F.at('txlog')}: {cur} is not a live block "
+                                       f"({e})") from None
+            if (w[b >> 3] & F.SIZE_MASK) - 8 >= nbytes:
+                return
+
+        def swap() -> None:
+            new = self._block(F.request_to_block(max(nbytes, 2 * F.RUN_LIMIT)), False) + 8
+            self._j.set(F.H_TXLOG, new)
+            if cur:
+                b = cur - 8
+                self._set_alloc_bit(b, False)
+                self._free_block(b, self._w[b >> 3] & F.SIZE_MASK)
+
+        self._bracket(swap)
+
+    # -- data access ---------------------------------------------------------------------------
+
+    def write(self, off: int, data: Any) -> None:
+        """Bounds-checked write of ``data`` at ``off`` (inside one live block), logged inside a
+        bracket. The caller holds the lock."""
+        if self.readonly:
+            raise ReadOnlyError("write() on a heap opened read-only (flag 'r')")
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        n = mv.nbytes
+        if off in self._j.fresh and off + n <= self._j.fresh[off]:
+            pass  # a block allocated in this bracket: no undo record needed
+        else:
+            self.containing(off, n)
+            if off == self._w[F.H_TXLOG] or self._in_txlog(off):
+                raise InvalidPointerError(f"range [{off}, {off + n}) is the transaction log")
+            if self._j.mode >= J.ATOMIC:
+                self._j.log_range(off, n)
+        self.region.mm[off:off + n] = mv
+
+    def _in_txlog(self, off: int) -> bool:
+        t = self._w[F.H_TXLOG]
+        return bool(t) and t <= off < t - 8 + (self._w[(t >> 3) - 1] & F.SIZE_MASK)
+
+    def read(self, off: int, n: int) -> bytes:
+        """Bounds-checked copy of ``n`` bytes at ``off``. The caller holds the lock."""
+        self.containing(off, n)
+        return self.region.mm[off:off + n]
+
+    def view(self, off: int, n: int, writable: bool) -> memoryview:
+        """Bounds-checked memoryview of ``n`` bytes at ``off``."""
+        self.containing(off, n)
+        if writable and self._in_txlog(off):
+            raise InvalidPointerError(f"range [{off}, {off + n}) is the transaction log")
+        v = self.region.b[off:off + n]
+        return v if writable and not self.readonly else v.toreadonly()
+
+    # -- whole-heap operations ---------------------------------------------------------------
+
+    def do_rebuild(self) -> int:
+        """rebuild() under the lock, marked so that a crash half way is rebuilt again."""
+        if self._j.mode:
+            raise TransactionStateError("rebuild()/repair() inside a transaction or atomic "
+                                        "bracket: its undo could not restore what the rebuild "
+                                        "rewrites; call it after the commit")
+        self.check_tags()  # damaged tags: raise before changing anything
+        w = self._w
+        w[F.H_OWNER_STATE] = F.STATE_REBUILD  # a crash from here: the next holder rebuilds
+        n = self.rebuild()
+        w[F.H_OWNER_STATE] = F.STATE_IDLE
+        return n
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and close. Never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        self.fast = 0
+        self.held = 0
+        with _cores_lock:
+            if self.key is not None and _cores.get(self.key) is self:
+                del _cores[self.key]
+        try:
+            self.lock.close()
+            self.region.close()
+            if self._lock_fd_source >= 0:
+                os.close(self._lock_fd_source)
+        except Exception:
+            pass
 
 
-def validate_header(head: bytes, file_size: int, what: str = "heap") -> int:
-    """Check the header page of a heap; return its capacity. Raises FormatError/CorruptHeapError.
+class _Held:
+    __slots__ = ("_core", "_timeout")
 
-    ``head`` is at least the first 4096 bytes; ``file_size`` the size of the file behind it.
+    def __init__(self, core: Core, timeout: float | None) -> None:
+        self._core = core
+        self._timeout = timeout
+
+    def __enter__(self) -> Core:
+        self._core.acquire(self._timeout)
+        return self._core
+
+    def __exit__(self, *exc: object) -> None:
+        self._core.lock.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions: the surface for the layers above
+# ---------------------------------------------------------------------------------------------
+
+
+class Session:
+    """What ``with heap.lock()``, ``heap.atomic()`` and ``heap.transaction()`` yield: allocation
+    and bounds-checked access to the words and bytes of live blocks, under the held lock.
+
+    Inside ``lock()`` every call is atomic by itself. Inside ``atomic()`` and ``transaction()``
+    everything is all-or-nothing: stores into blocks that existed before the bracket are logged
+    first; stores into blocks allocated inside it are not (an undo frees them anyway).
+
+    Offsets name live blocks or slots as malloc returned them; word ``i`` of block ``off`` is at
+    ``off + 8 * i``. A block is checked once per session (O(1)) and remembered, so later
+    accesses cost a dict lookup. A session is valid inside its ``with`` block only.
+
+    >>> import pheap
+    >>> h = pheap.anonymous()
+    >>> with h.atomic() as s:
+    ...     a = s.malloc(32)
+    ...     s.set_u64(a, 0, 7)
+    ...     s.write(a, b"tail", start=8)
+    ...     s.u64(a), s.read(a, 4, start=8)
+    (7, b'tail')
+    >>> with h.lock() as s:
+    ...     s.u64(a, 4)
+    Traceback (most recent call last):
+    ...
+    pheap.errors.InvalidPointerError: word 4 of the block at ... is past its 32 bytes
     """
-    if len(head) < F.HEADER_SIZE:
-        raise FormatError(f"{what}: {len(head)} bytes is too short for a pheap heap "
-                          f"(the header alone is {F.HEADER_SIZE})")
-    if head[:8] != F.MAGIC:
-        raise FormatError(f"{what}: not a pheap heap (magic {head[:8]!r}, expected {F.MAGIC!r})")
-    (bom,) = struct.unpack_from("<Q", head, F.H_BYTE_ORDER * 8)
-    if bom != F.BYTE_ORDER_MARK:
-        raise FormatError(f"{what}: byte-order mark {bom:#x} is not {F.BYTE_ORDER_MARK:#x} "
-                          "(made on a machine of another byte order, or damaged)")
-    (version,) = struct.unpack_from("<Q", head, F.H_VERSION * 8)
-    if version != F.FORMAT_VERSION:
-        raise FormatError(f"{what}: format version {version}; this pheap reads version "
-                          f"{F.FORMAT_VERSION} only")
-    (features,) = struct.unpack_from("<Q", head, F.H_FEATURES * 8)
-    if features & ~F.FEATURES_KNOWN:
-        raise FormatError(f"{what}: unknown feature bits {features & ~F.FEATURES_KNOWN:#x}")
-    (crc,) = struct.unpack_from("<Q", head, F.H_CRC * 8)
-    if crc != F.header_crc(head):
-        raise FormatError(f"{what}: header CRC {crc:#x} does not match {F.header_crc(head):#x} "
-                          "(the immutable header fields are damaged)")
-    fields = struct.unpack_from("<4Q", head, F.H_CTL_OFF * 8)
-    layout = (F.CTL_OFF, F.BLOCKS_OFF)
-    if fields[:2] != layout or struct.unpack_from("<2Q", head, F.H_FL_COUNT * 8) != \
-            (F.FL_COUNT, F.SL_COUNT):
-        raise FormatError(f"{what}: control-block layout {fields[:2]} differs from {layout}")
-    (cap,) = struct.unpack_from("<Q", head, F.H_CAPACITY * 8)
-    if cap < F.min_capacity() or cap % F.PAGE:
-        raise CorruptHeapError(f"offset 128: capacity {cap} is below the minimum "
-                               f"{F.min_capacity()} or not a multiple of {F.PAGE}")
-    if cap > file_size:
-        raise CorruptHeapError(f"offset 128: capacity {cap} exceeds the file size {file_size} "
-                               "(truncated file)")
-    (brk,) = struct.unpack_from("<Q", head, F.H_BRK * 8)
-    if not F.BLOCKS_OFF <= brk <= F.bitmap_off(cap) or brk & 7:
-        raise CorruptHeapError(f"offset 136: brk {brk} outside the block area "
-                               f"[{F.BLOCKS_OFF}, {F.bitmap_off(cap)}]")
-    return cap
+
+    __slots__ = ("_c", "_heap", "_live", "open", "tx")
+
+    def __init__(self, heap: Heap, tx: bool = False) -> None:
+        self._heap = heap
+        self._c = heap._core
+        self._live: dict[int, int] = {}  # block -> usable bytes, checked in this session
+        self.open = True  #: False once the ``with`` block has ended
+        self.tx = tx  #: whether this is a transaction (``add_range`` works)
+
+    def _size(self, off: int) -> int:
+        if not self.open:
+            raise TransactionStateError("a session used after its with-block ended")
+        n = self._live.get(off)
+        if n is None:
+            n = self._live[off] = self._c.live_size(off)
+        return n
+
+    def malloc(self, n: int) -> int:
+        """Allocate ``n`` bytes (see Heap.malloc). O(1)."""
+        p = self._c.malloc(n)
+        return p
+
+    def calloc(self, count: int, size: int) -> int:
+        """Allocate ``count * size`` zeroed bytes. O(1) plus the memset."""
+        return self._c.calloc(count, size)
+
+    def realloc(self, off: int, n: int) -> int:
+        """Resize the allocation at ``off``; return its (maybe new) offset."""
+        self._live.pop(off, None)
+        return self._c.realloc(off, n)
+
+    def memalign(self, alignment: int, n: int) -> int:
+        """Allocate ``n`` bytes aligned to ``alignment`` (a power of two up to 4096)."""
+        return self._c.memalign(alignment, n)
+
+    def free(self, off: int) -> None:
+        """Free the allocation at ``off``. O(1)."""
+        self._live.pop(off, None)
+        self._c.free(off)
+
+    def usable_size(self, off: int) -> int:
+        """Usable bytes of the live block at ``off``. O(1)."""
+        return self._size(off)
+
+    def u64(self, off: int, i: int = 0) -> int:
+        """Word ``i`` of the live block at ``off``. O(1)."""
+        n = self._live.get(off) if self.open else None
+        if n is None:
+            n = self._size(off)
+        if -1 < i and i << 3 < n:
+            return self._c._w[(off >> 3) + i]  # type: ignore[no-any-return]
+        raise InvalidPointerError(f"word {i} of the block at {off} is past its {n} bytes")
+
+    def set_u64(self, off: int, i: int, v: int) -> None:
+        """Store ``v`` in word ``i`` of the live block at ``off`` (journaled in a bracket unless
+        the block was allocated in it). O(1)."""
+        n = self._live.get(off) if self.open else None
+        if n is None:
+            n = self._size(off)
+        if not (-1 < i and i << 3 < n):
+            raise InvalidPointerError(f"word {i} of the block at {off} is past its {n} bytes")
+        c = self._c
+        if c.readonly:
+            raise ReadOnlyError("set_u64() on a heap opened read-only")
+        j = c._j
+        if j.mode >= J.ATOMIC and off not in j.fresh:
+            j.set((off >> 3) + i, v)
+        else:
+            c._w[(off >> 3) + i] = v
+
+    def words(self, off: int) -> memoryview:
+        """A read-only word view (``'Q'``) of the payload of the live block at ``off``: indexing
+        it is the fastest checked read (bounds by the view). O(1)."""
+        n = self._size(off)
+        return self._c.region.b[off:off + (n & -8)].cast("Q").toreadonly()
+
+    def read(self, off: int, n: int | None = None, start: int = 0) -> bytes:
+        """``n`` bytes (default: to the end) from byte ``start`` of the live block at ``off``."""
+        size = self._size(off)
+        if n is None:
+            n = size - start
+        if start < 0 or n < 0 or start + n > size:
+            raise InvalidPointerError(f"bytes [{start}, {start + n}) of the block at {off} are "
+                                      f"not inside its {size} bytes")
+        return self._c.region.mm[off + start:off + start + n]
+
+    def write(self, off: int, data: Any, start: int = 0) -> None:
+        """Copy ``data`` to byte ``start`` of the live block at ``off`` (logged in a bracket
+        unless the block was allocated in it)."""
+        size = self._size(off)
+        mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        n = len(mv)
+        if start < 0 or start + n > size:
+            raise InvalidPointerError(f"bytes [{start}, {start + n}) of the block at {off} are "
+                                      f"not inside its {size} bytes")
+        c = self._c
+        if c.readonly:
+            raise ReadOnlyError("write() on a heap opened read-only")
+        j = c._j
+        if j.mode >= J.ATOMIC and off not in j.fresh:
+            j.log_range(off + start, n)
+        c.region.mm[off + start:off + start + n] = mv
+
+    def view(self, off: int, n: int | None = None, start: int = 0) -> memoryview:
+        """A memoryview of bytes of the live block at ``off``. Writes through it are neither
+        locked nor logged (call ``add_range`` first inside a transaction)."""
+        size = self._size(off)
+        if n is None:
+            n = size - start
+        if start < 0 or n < 0 or start + n > size:
+            raise InvalidPointerError(f"bytes [{start}, {start + n}) of the block at {off} are "
+                                      f"not inside its {size} bytes")
+        v = self._c.region.b[off + start:off + start + n]
+        return v.toreadonly() if self._c.readonly else v
+
+    def add_range(self, off: int, n: int) -> None:
+        """Log bytes [off, off+n) of a live block before changing them through a view. O(n)."""
+        if not self.open or not self.tx and self._c._j.mode < J.ATOMIC:
+            raise TransactionStateError("add_range() outside a transaction or atomic bracket")
+        self._c.containing(off, n)
+        self._c._j.log_range(off, n)
+
+    def entry(self, name: str) -> int:
+        """The offset header entry ``name`` holds (0: none)."""
+        i = F.ENTRIES.get(name)
+        if i is None:
+            raise KeyError(f"no header entry {name!r}; there are {sorted(F.ENTRIES)}")
+        return int(self._c._w[i])
+
+    def set_entry(self, name: str, off: int) -> None:
+        """Point header entry ``name`` at the live block ``off`` (or 0)."""
+        self._c.set_entry(name, off)
+
+
+class _SessionContext:
+    __slots__ = ("_heap", "_mode", "_timeout", "_log_size", "_durable", "_opened", "_session")
+
+    def __init__(self, heap: Heap, mode: int, timeout: float | None, log_size: int = 0,
+                 durable: bool = False) -> None:
+        self._heap = heap
+        self._mode = mode
+        self._timeout = timeout
+        self._log_size = log_size
+        self._durable = durable
+        self._opened = False
+        self._session: Session | None = None
+
+    def __enter__(self) -> Session:
+        h = self._heap
+        core = h._live_core()
+        if self._mode and h.readonly:
+            raise ReadOnlyError("atomic()/transaction() on a heap opened read-only (flag 'r')")
+        core.acquire(self._timeout)
+        try:
+            if self._mode:
+                self._opened = core.open_bracket(self._mode, self._log_size)
+            self._session = Session(h, self._mode == J.TX)
+        except BaseException:
+            core.lock.release()
+            raise
+        return self._session
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        core = self._heap._core
+        if self._session is not None:
+            self._session.open = False
+        try:
+            if self._opened:
+                self._opened = False
+                if core.closed:
+                    raise HeapClosedError("the heap was closed inside a transaction: it was not "
+                                          "committed, and the next process to open the heap "
+                                          "undoes it")
+                try:
+                    core.close_bracket(et is None, self._durable)
+                finally:
+                    if isinstance(ev, TransactionTooLargeError):
+                        core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE)
+        finally:
+            if not core.closed or core.lock.held():
+                core.lock.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,17 +636,13 @@ def _capacity_for(size: int, max_size: int) -> int:
 
 def _new_file(path: str, cap: int, max_size: int, mode: int) -> str:
     """Build a complete heap under a temporary name beside ``path``; return that name."""
-    d = os.path.dirname(os.path.abspath(path))
+    d = os.path.dirname(path)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.new")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         allocate(fd, 0, cap)
-        region = Region("file", fd, cap, path=tmp, owns_fd=False)
-        try:
-            _write_header(region, max_size)
-            region.flush()
-        finally:
-            region.close()
+        os.pwrite(fd, F.new_header(cap, max_size), 0)
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
@@ -158,28 +658,74 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def _open_regular(path: str, readonly: bool) -> int:
+    """Open ``path`` without blocking (a FIFO would) and make sure it is a regular file."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK |
+                     os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a heap file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file (a FIFO, device or socket), so not a "
+                              "heap")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _replace(path: str, tmp: str) -> None:
+    """Put the new heap ``tmp`` in place of ``path``, refusing while ``path`` is attached."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        os.replace(tmp, path)
+        return
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a heap file") from None
+    try:
+        try_exclusive(fd, path)  # held until fd closes: openers of the old file wait, then see
+        os.replace(tmp, path)    # it was replaced
+    finally:
+        os.close(fd)
+
+
 def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_SIZE,
          max_size: int = 0, mode: int = FILE_MODE, lock_timeout: float | None = None,
-         journal: bool = True, durability: str = "process") -> Heap:
+         durability: str = "process") -> Heap:
     """Open or create a heap file. ``flag`` as in :mod:`dbm`:
 
     ``'r'`` existing, read-only; ``'w'`` existing, read-write; ``'c'`` read-write, created if
-    missing; ``'n'`` always a new, empty heap (replacing any file at ``path``).
+    missing; ``'n'`` always a new, empty heap (replacing any file at ``path``; HeapInUseError
+    while a handle anywhere has that heap open).
 
     ``size`` is the initial capacity of a new heap (it grows on demand, up to ``max_size`` bytes
     when that is not 0). New files get ``mode`` (0600). Creation is atomic: the heap is built under
     a temporary name and linked into place, so processes racing to create ``path`` all end up
     with the one complete heap. Opening is O(1): the header is validated, nothing is scanned.
+    A second ``open`` of the same file in one process shares the first one's lock and journal.
+
+    ``durability``: ``"process"`` (every operation survives the death of any process) or
+    ``"power"`` (also an OS crash or power loss: an msync around every commit).
     """
     path = os.path.abspath(os.fspath(path))  # pickled handles re-open it from anywhere
     if flag not in ("r", "w", "c", "n"):
         raise ValueError(f"flag must be 'r', 'w', 'c' or 'n', not {flag!r}")
+    if durability not in ("process", "power"):
+        raise ValueError(f"durability must be 'process' or 'power', not {durability!r}")
     if flag in ("c", "n"):
         cap = _capacity_for(size, max_size)
         if flag == "n":
             tmp = _new_file(path, cap, max_size, mode)
-            os.replace(tmp, path)
-        elif not os.path.exists(path):
+            try:
+                _replace(path, tmp)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+        elif not os.path.lexists(path):
             tmp = _new_file(path, cap, max_size, mode)
             try:
                 os.link(tmp, path)  # atomic, and never replaces: the first creator wins
@@ -188,18 +734,43 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
             finally:
                 _unlink_quietly(tmp)
     readonly = flag == "r"
-    fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
-    try:
-        head = os.pread(fd, F.HEADER_SIZE, 0)
-        cap = validate_header(head, os.fstat(fd).st_size, path)
-        region = Region.open_file(path, cap, readonly=readonly, fd=fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return Heap(region, lock_timeout=lock_timeout, journal=journal, durability=durability)
+    for _attempt in range(100):
+        fd = _open_regular(path, readonly)
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            with _cores_lock:
+                core = _cores.get(key)
+                if core is not None and not core.closed and (readonly or not core.readonly):
+                    os.close(fd)
+                    fd = -1
+                    return Heap(core, readonly, lock_timeout)
+            _, cap = F.read_header(fd, path)
+            region = Region.open_file(path, cap, readonly=readonly, fd=fd)
+            fd = -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        try:
+            core = Core(region, lock_timeout=lock_timeout, durability=durability, key=key)
+        except BaseException:
+            region.close()
+            raise
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == key:
+            with _cores_lock:
+                old = _cores.get(key)
+                if old is None or old.closed or old.readonly:
+                    _cores[key] = core
+            return Heap(core, readonly, lock_timeout)
+        core.close()  # replaced (flag 'n' elsewhere) between our open and our attach: again
+    raise FormatError(f"{path}: replaced again and again while opening it")
 
 
-def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> Heap:
+def anonymous(size: int = DEFAULT_SIZE) -> Heap:
     """A fixed-capacity heap in anonymous shared memory (``MAP_SHARED``).
 
     Forked children (``os.fork``, multiprocessing's fork start method) share it. It cannot grow:
@@ -207,48 +778,56 @@ def anonymous(size: int = DEFAULT_SIZE, *, journal: bool = True) -> Heap:
     """
     cap = _capacity_for(size, 0)
     region = Region.new_anonymous(cap)
-    _write_header(region, cap)
-    return Heap(region, journal=journal)
+    Allocator.format_region(region, cap)
+    return Heap(Core(region), False, None)
 
 
-def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap",
-          journal: bool = True) -> Heap:
+def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap") -> Heap:
     """A growable anonymous heap backed by ``memfd_create`` (Linux). Forked children share it,
-    growth included. Gone when the last process closes it.
+    growth included; spawned children and pool workers get it by pickling the heap. Gone when
+    the last process closes it. The memfd is sealed against shrinking, so no process can
+    truncate it under the others.
     """
     cap = _capacity_for(size, max_size)
     region = Region.new_memfd(cap, name)
-    _write_header(region, max_size)
-    return Heap(region, journal=journal)
+    Allocator.format_region(region, max_size)
+    st = os.fstat(region.fd)
+    key = (st.st_dev, st.st_ino)
+    core = Core(region, key=key)
+    with _cores_lock:
+        _cores[key] = core
+    return Heap(core, False, None)
 
 
 def _reattach_file(path: str, flag: str, lock_timeout: float | None,
-                   journal: bool = True, durability: str = "process") -> Heap:
-    return open(path, flag, lock_timeout=lock_timeout, journal=journal, durability=durability)
+                   durability: str = "process") -> Heap:
+    return open(path, flag, lock_timeout=lock_timeout, durability=durability)
 
 
-def _reattach_memfd(dupfd: Any, lock_timeout: float | None, journal: bool = True) -> Heap:
+def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> Heap:
     fd = dupfd.detach()
     try:
-        head = os.pread(fd, F.HEADER_SIZE, 0)
-        cap = validate_header(head, os.fstat(fd).st_size, "memfd heap")
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with _cores_lock:
+            core = _cores.get(key)
+            if core is not None and not core.closed:
+                return Heap(core, False, lock_timeout)
+        _, cap = F.read_header(fd, "memfd heap")
         region = Region("memfd", fd, cap)
-    except BaseException:
-        os.close(fd)
-        raise
-    return Heap(region, lock_timeout=lock_timeout, journal=journal)
-
-
-def _proc_fd(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
+        fd = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    core = Core(region, lock_timeout=lock_timeout, key=key)
+    with _cores_lock:
+        _cores[key] = core
+    return Heap(core, False, lock_timeout)
 
 
 # ---------------------------------------------------------------------------------------------
-# The Heap
+# The Heap handle
 # ---------------------------------------------------------------------------------------------
-
-_MUTATORS: Final = ("malloc", "free", "calloc", "realloc", "memalign", "write", "trim",
-                    "rebuild_bins", "repair", "transaction")
 
 
 class Heap:
@@ -259,279 +838,63 @@ class Heap:
     operations under one acquisition). Offsets are plain ints, valid in every process.
     """
 
-    def __init__(self, region: Region, *, lock_timeout: float | None = None,
-                 journal: bool = True, durability: str = "process") -> None:
-        if durability not in ("process", "power"):
-            raise ValueError(f"durability must be 'process' or 'power', not {durability!r}")
-        if durability == "power" and not journal:
-            raise ValueError("durability='power' needs the journal")
-        self._region = region
-        self._journaled = journal and not region.readonly
-        self._a: Allocator = JournaledAllocator(region) if self._journaled else Allocator(region)
-        self.durability = durability
-        if durability == "power" and self._journaled:
-            self._a.durable = True  # type: ignore[attr-defined]
-        self._held_state = F.STATE_IN_OP if self._journaled else F.STATE_IN_OP_UNJOURNALED
-        self._tx_log_want = TX_LOG_SIZE
+    def __init__(self, core: Core, readonly: bool, lock_timeout: float | None) -> None:
+        self._core = core
         self._closed = False
-        self.readonly = region.readonly
-        self.lock_timeout = lock_timeout
-        self._lock_fd_source = -1
-        if region.kind == "anon":
-            # An anonymous mapping has no file to flock: a memfd stands in for it, inherited by
-            # forked children like the mapping itself.
-            self._lock_fd_source = os.memfd_create("pheap-lock", os.MFD_CLOEXEC)
-            src = self._lock_fd_source
-        else:
-            src = region.fd
-        flags = os.O_RDONLY
-        self._lock = HeapLock(lambda: os.open(_proc_fd(src), flags), shared=self.readonly)
-        self._lock.on_acquire = self._on_acquire
-        self._lock.on_release = self._on_release
-        self._lock.on_fork_child = self._after_fork_in_child
-        if self.readonly:
-            for name in _MUTATORS:
-                setattr(self, name, self._read_only_op(name))
-        else:
-            with self._locked():  # recovers at once if a process died inside an operation
-                pass
+        self.readonly = readonly or core.readonly
+        if lock_timeout is not None:
+            core.lock_timeout = lock_timeout
+        core.handles += 1
+        if not self.readonly:
+            # The two hottest calls go straight to the core: one call layer less, ~0.1 us a
+            # malloc+free pair (tools/bench_alloc.py, 3a).
+            self.malloc = core.malloc
+            self.free = core.free
 
-    # -- lock and recovery -------------------------------------------------------------------
-
-    def _on_acquire(self) -> None:
-        # Runs after every outermost acquisition, so it is kept to a few word reads and one
-        # lseek; the pid comes from the lock, which refreshes it in forked children.
-        if self._closed:
+    def _live_core(self) -> Core:
+        if self._closed or self._core.closed:
             raise HeapClosedError("the heap is closed")
-        a = self._a
-        fd = self._region.fd
-        if fd >= 0:
-            # Foreign truncation guard: touching bytes past the end of the file would SIGBUS.
-            end = os.lseek(fd, 0, os.SEEK_END)
-            if end < a._cap:
-                raise CorruptHeapError(f"offset 128: the file is {end} bytes, shorter than the "
-                                       f"heap's capacity {a._cap}: something truncated it")
-        w = a._w
-        if w[F.H_GENERATION] != a._gen or w[F.H_CAPACITY] != a._cap:
-            a.sync()
-            w = a._w
+        return self._core
+
+    def _mutable_core(self, what: str) -> Core:
+        c = self._live_core()
         if self.readonly:
-            if w[F.J_STATE]:
-                raise CorruptHeapError(
-                    f"offset {F.J_STATE * 8}: needs recovery: a process died inside an "
-                    "operation; open the heap read-write (or run `pheap repair`) to undo it")
-            return
-        if w[F.H_OWNER_STATE] != F.STATE_IDLE or w[F.J_STATE]:
-            self._recover()
-            w = a._w  # recovery may have remapped (an undone growth)
-        w[F.H_OWNER_PID] = self._lock.pid
-        w[F.H_OWNER_STATE] = self._held_state
+            raise ReadOnlyError(f"{what}() on a heap opened read-only (flag 'r')")
+        return c
 
-    def _after_fork_in_child(self) -> None:
-        # A child forked inside a transaction or a lock hold of its parent is in neither: it
-        # takes the lock afresh, and its operations journal on their own.
-        a = self._a
-        if a.in_tx:
-            a._tx_end()  # type: ignore[attr-defined]
-        a.pending.clear()
+    # -- sessions -------------------------------------------------------------------------------
 
-    def _on_release(self) -> None:
-        if self.readonly or self._closed:
-            return
-        w = self._a._w
-        w[F.H_OP_COUNT] = (w[F.H_OP_COUNT] + 1) & 0xFFFFFFFFFFFFFFFF
-        w[F.H_OWNER_STATE] = F.STATE_IDLE
-        w[F.H_OWNER_PID] = 0
+    def lock(self, timeout: float | None = None) -> _SessionContext:
+        """``with heap.lock() as s:`` holds the heap lock across many operations. Re-entrant.
 
-    def _recover(self) -> None:
-        """The last holder died holding the lock: make the heap whole again.
-
-        A journaled operation in flight is undone from the journal, O(journal). A holder that ran
-        without a journal may have left torn tags: check(), and rebuild the bins from the tags
-        when only they are damaged, O(heap). A holder that died between operations (inside
-        ``with heap.lock():``) left nothing to do but count the recovery.
-        """
-        a = self._a
-        r = self._region
-        w = a._w
-        state = w[F.H_OWNER_STATE]
-        if w[F.J_STATE]:
-            # Records may name words past the capacity the header shows now (a growth whose
-            # capacity word an earlier, interrupted recovery already put back): map the whole
-            # file so that every record can be checked and restored again.
-            fsize = r.file_size() & ~(F.PAGE - 1)
-            if fsize > r.size:
-                r.remap(fsize)
-                a._adopt()
-            journal.undo(a._w, r.size >> 3)
-            a._gen = -1  # force the remap to the restored capacity
-        a.sync()
-        w = a._w
-        if state == F.STATE_IN_OP_UNJOURNALED:
-            # No journal: the tags are the truth; rebuild the index over them. Damaged tags
-            # raise CorruptHeapError (`pheap repair` reports where).
-            a.check_tags()
-            a.rebuild_bins()
-        w[F.H_RECOVERIES] += 1
-        w[F.H_OWNER_STATE] = F.STATE_IDLE
-
-    def lock(self, timeout: float | None = None) -> _LockContext:
-        """``with heap.lock():`` holds the heap lock across many operations. Re-entrant.
-
+        Each operation inside is atomic by itself; ``s`` is a :class:`Session`.
         ``timeout`` (seconds) raises LockTimeoutError naming the holder's pid when it can.
         """
-        return _LockContext(self, timeout)
+        return _SessionContext(self, J.IDLE, timeout)
 
-    def _holder_pid(self) -> int:
-        try:
-            return int(self._a._w[F.H_OWNER_PID])
-        except Exception:
-            return 0
+    def atomic(self, timeout: float | None = None) -> _SessionContext:
+        """``with heap.atomic() as s:`` -- several operations and word writes as one: all of
+        them, or (on an exception, or if the process dies inside) none.
 
-    def _acquire(self, timeout: float | None) -> None:
-        """Take the heap lock (re-entrant); a closed heap raises HeapClosedError."""
-        if self._closed:
-            raise HeapClosedError("the heap is closed")
-        self._lock.acquire(timeout, self._holder_pid)
-
-    # -- allocation --------------------------------------------------------------------------
-
-    def _op(self, fn: Any, *args: Any) -> Any:
-        """Run one allocator operation under the lock, atomically, then give back freed pages.
-
-        The uncontended outermost acquisition without a timeout -- every single malloc/free
-        outside ``with heap.lock()`` -- is inlined here (thread lock, flock, bookkeeping): each
-        Python call layer removed is worth ~0.1 us an operation (tools/bench_alloc.py, 3a).
-        """
-        lk = self._lock
-        me = _get_ident()
-        outer = lk._owner != me
-        inline = False
-        if outer:
-            if self._closed:
-                raise HeapClosedError("the heap is closed")
-            if self.lock_timeout is not None:
-                self._acquire(self.lock_timeout)
-            else:
-                inline = True
-                tl = lk._tlock
-                tl.acquire()
-                try:
-                    fcntl.flock(lk._fd, fcntl.LOCK_SH if lk._shared else fcntl.LOCK_EX)
-                except BaseException:
-                    tl.release()
-                    raise
-                lk._owner = me
-                lk._depth = 1
-                try:
-                    self._on_acquire()
-                except BaseException:
-                    lk._depth = 0
-                    lk._owner = 0
-                    fcntl.flock(lk._fd, fcntl.LOCK_UN)
-                    tl.release()
-                    raise
-        elif self._closed:
-            raise HeapClosedError("the heap is closed")
-        try:
-            a = self._a
-            if self._journaled:
-                a.begin()  # type: ignore[attr-defined]
-                try:
-                    r = fn(*args)
-                except BaseException:
-                    a.rollback()  # type: ignore[attr-defined]
-                    raise
-                a.commit()  # type: ignore[attr-defined]
-            else:
-                r = fn(*args)
-            if a.pending:
-                a.release_pending()
-            return r
-        finally:
-            if inline:
-                lk._depth = 0
-                try:
-                    self._on_release()
-                finally:
-                    lk._owner = 0
-                    try:
-                        if not lk._closed:
-                            fcntl.flock(lk._fd, fcntl.LOCK_UN)
-                    finally:
-                        lk._tlock.release()
-            elif outer:
-                lk.release()
-
-    def malloc(self, n: int) -> int:
-        """Allocate ``n`` bytes; return the payload offset. O(1).
+        Cheaper than a transaction: the records stay in the 3.5 KiB operation journal in the
+        header, and stores into blocks allocated inside need none. JournalFullError (rolled
+        back) when it changes more; use :meth:`transaction` for large updates.
 
         >>> import pheap
-        >>> h = pheap.anonymous(); off = h.malloc(100); h.usable_size(off) >= 100
-        True
+        >>> h = pheap.anonymous()
+        >>> try:
+        ...     with h.atomic() as s:
+        ...         a = s.malloc(100)
+        ...         raise RuntimeError("changed my mind")
+        ... except RuntimeError:
+        ...     pass
+        >>> h.stats().used_blocks
+        0
         """
-        a = self._a
-        if self._lock._owner == _get_ident() and not a.pending and not self._closed:
-            # Fast path: lock already held by this thread (inside ``with heap.lock()``).
-            if not self._journaled:
-                return a.malloc(n)
-            a.begin()  # type: ignore[attr-defined]
-            try:
-                off = a.malloc(n)
-            except BaseException:
-                a.rollback()  # type: ignore[attr-defined]
-                raise
-            a.commit()  # type: ignore[attr-defined]
-            if a.pending:
-                a.release_pending()
-            return off
-        return self._op(a.malloc, n)
+        return _SessionContext(self, J.ATOMIC, timeout)
 
-    def free(self, off: int) -> None:
-        """Free the block at ``off`` (``free(0)`` does nothing). O(1).
-
-        An offset that is not a live block raises InvalidPointerError and changes nothing.
-        """
-        a = self._a
-        if self._lock._owner == _get_ident() and not a.pending and not self._closed:
-            if not self._journaled:
-                a.free(off)
-            else:
-                a.begin()  # type: ignore[attr-defined]
-                try:
-                    a.free(off)
-                except BaseException:
-                    a.rollback()  # type: ignore[attr-defined]
-                    raise
-                a.commit()  # type: ignore[attr-defined]
-            if a.pending:
-                a.release_pending()
-            return
-        self._op(a.free, off)
-
-    def calloc(self, count: int, size: int) -> int:
-        """Allocate ``count * size`` zeroed bytes. O(1) plus the memset of reused memory."""
-        return self._op(self._a.calloc, count, size)  # type: ignore[no-any-return]
-
-    def realloc(self, off: int, n: int) -> int:
-        """Resize the block at ``off`` to ``n`` bytes, keeping its contents; return its offset.
-
-        In place when it can (shrink, or grow into free space after it), else it moves.
-        ``realloc(0, n)`` is ``malloc(n)``. O(1) plus the copy when it moves.
-        """
-        return self._op(self._a.realloc, off, n)  # type: ignore[no-any-return]
-
-    def memalign(self, alignment: int, n: int) -> int:
-        """Allocate ``n`` bytes at an offset that is a multiple of ``alignment`` (a power of two
-        up to 4096). O(1)."""
-        return self._op(self._a.memalign, alignment, n)  # type: ignore[no-any-return]
-
-    def usable_size(self, off: int) -> int:
-        """Payload bytes of the live block at ``off``. O(1)."""
-        with self._locked():
-            return self._a.usable_size(off)
-
-    def transaction(self, log_size: int = 0, durable: bool = False) -> Transaction:
+    def transaction(self, log_size: int = 0, durable: bool = False,
+                    timeout: float | None = None) -> _SessionContext:
         """``with heap.transaction() as tx:`` -- everything inside is all-or-nothing.
 
         Every malloc/calloc/realloc/free/memalign, every :meth:`write`, and every range passed
@@ -542,9 +905,9 @@ class Heap:
 
         ``log_size`` (bytes) sizes the undo log; the default starts at 256 KiB and grows after
         a transaction overflows it (that one raises TransactionTooLargeError, rolled back).
-        ``durable=True`` msyncs the mapping after the commit, so the committed transaction also
+        ``durable=True`` msyncs the mapping around the commit, so the committed transaction also
         survives an OS crash or a power loss (see docs/design.md for what that covers).
-        Cost: one lock hold, ~0.1 us per allocator word changed, one copy per logged range.
+        Cost: one lock hold, ~0.2 us per allocator word changed, one copy per logged range.
 
         >>> import pheap
         >>> h = pheap.anonymous()
@@ -552,7 +915,7 @@ class Heap:
         >>> try:
         ...     with h.transaction():
         ...         h.write(a, b"new!")
-        ...         b = h.malloc(100)
+        ...         b = h.malloc(1000)
         ...         raise RuntimeError("changed my mind")
         ... except RuntimeError:
         ...     pass
@@ -563,172 +926,244 @@ class Heap:
         ...
         pheap.errors.InvalidPointerError: invalid offset ...: is outside the block area ...
         """
-        if not self._journaled:
-            raise PheapError("transactions need the journal: this heap was opened with "
-                             "journal=False")
-        return Transaction(self, log_size, durable)
+        return _SessionContext(self, J.TX, timeout, log_size, durable)
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def malloc(self, n: int) -> int:
+        """Allocate ``n`` bytes; return the payload offset. O(1).
+
+        Requests up to 448 bytes are slots of a run (no header of their own); larger ones are
+        blocks. Offsets are 8-byte aligned.
+
+        >>> import pheap
+        >>> h = pheap.anonymous(); off = h.malloc(100); h.usable_size(off)
+        112
+        """
+        return self._mutable_core("malloc").malloc(n)
+
+    def free(self, off: int) -> None:
+        """Free the allocation at ``off`` (``free(0)`` does nothing). O(1).
+
+        An offset that is not a live block or slot raises InvalidPointerError and changes
+        nothing.
+        """
+        self._mutable_core("free").free(off)
+
+    def calloc(self, count: int, size: int) -> int:
+        """Allocate ``count * size`` zeroed bytes. O(1) plus the memset of reused memory."""
+        return self._mutable_core("calloc").calloc(count, size)
+
+    def realloc(self, off: int, n: int) -> int:
+        """Resize the allocation at ``off`` to ``n`` bytes, keeping its contents; return its
+        offset.
+
+        In place when it can (a slot within its size class; a block that shrinks, or grows into
+        free space after it), else it moves. ``realloc(0, n)`` is ``malloc(n)``. O(1) plus the
+        copy when it moves.
+        """
+        return self._mutable_core("realloc").realloc(off, n)
+
+    def memalign(self, alignment: int, n: int) -> int:
+        """Allocate ``n`` bytes at an offset that is a multiple of ``alignment`` (a power of two
+        up to 4096). O(1)."""
+        return self._mutable_core("memalign").memalign(alignment, n)
+
+    def usable_size(self, off: int) -> int:
+        """Payload bytes of the live block or slot at ``off``. O(1)."""
+        c = self._live_core()
+        with c.locked():
+            return c.live_size(off)
 
     # -- data access -------------------------------------------------------------------------
 
-    def _span(self, off: int, n: int, writing: bool = False) -> None:
-        if type(off) is not int or type(n) is not int or off < F.BLOCKS_OFF or n < 0 \
-                or off + n > self._a._bmo:
-            raise InvalidPointerError(f"range [{off}, {off}+{n}) is outside the block area "
-                                      f"[{F.BLOCKS_OFF}, {self._a._bmo})")
-        if writing and self._journaled:
-            lo, hi = self._a.txlog_span()  # type: ignore[attr-defined]
-            if off < hi and off + n > lo:
-                raise InvalidPointerError(f"range [{off}, {off}+{n}) overlaps the transaction "
-                                          f"log block [{lo}, {hi})")
-
     def read(self, off: int, n: int) -> bytes:
-        """Copy ``n`` bytes at ``off`` out of the heap. O(n)."""
-        with self._locked():
-            self._span(off, n)
-            return self._region.mm[off:off + n]
+        """Copy ``n`` bytes at ``off`` out of the heap. ``[off, off + n)`` must lie inside one
+        live block or slot (InvalidPointerError otherwise). O(n), plus the block look-up: O(1)
+        from a payload start, else O(distance / 512) bytes of bitmap searched in C.
+
+        >>> import pheap
+        >>> h = pheap.anonymous(); a = h.malloc(24); h.write(a, b"x" * 24)
+        >>> h.read(a + 16, 8)
+        b'xxxxxxxx'
+        >>> h.read(a, 40)
+        Traceback (most recent call last):
+        ...
+        pheap.errors.InvalidPointerError: range [..., ...) runs past the end of the 24-byte slot at ...
+        """
+        c = self._live_core()
+        with c.locked():
+            return c.read(off, n)
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy ``data`` into the heap at ``off``. O(len(data)).
+        """Copy ``data`` into the heap at ``off``, inside one live block or slot; a range
+        outside one raises InvalidPointerError and writes nothing. Costs as :meth:`read`.
 
-        Inside :meth:`transaction` the old bytes are logged first, so an abort restores them.
+        Inside :meth:`transaction` or :meth:`atomic` the old bytes are logged first, so an
+        abort restores them; outside, a crash in the middle of a long write may leave part of
+        it (use a transaction when that matters).
         """
-        with self._locked():
-            n = len(memoryview(data).cast("B"))
-            self._span(off, n, True)
-            if self._a.in_tx:
-                self._a.log_range(off, n)  # type: ignore[attr-defined]
-            self._region.mm[off:off + n] = data
+        c = self._mutable_core("write")
+        with c.locked():
+            c.write(off, data)
 
     def view(self, off: int, n: int) -> memoryview:
-        """A memoryview of ``n`` bytes at ``off`` (read-only for 'r' heaps). O(1).
+        """A memoryview of ``n`` bytes at ``off`` inside one live block (read-only for 'r'
+        heaps). O(1) from a payload start.
 
         The view stays valid after the heap grows (its mapping is kept until the view is
-        released). Writes through it are not locked: hold ``heap.lock()`` if others may write.
+        released). Writes through it are neither locked nor logged: hold ``heap.lock()`` if
+        others may write, and call ``tx.add_range()`` first inside a transaction. A view keeps
+        pointing at the bytes after the block is freed: do not use it past the block's life.
+        If another program truncates a heap *file* while a view of it is in use, touching the
+        view kills the process with SIGBUS (a memfd heap is sealed against this).
         """
-        with self._locked():
-            self._span(off, n, not self.readonly)
-            return memoryview(self._region.mm)[off:off + n]
+        c = self._live_core()
+        with c.locked():
+            return c.view(off, n, not self.readonly)
 
-    # -- root --------------------------------------------------------------------------------
+    # -- entries -------------------------------------------------------------------------------
 
     @property
-    def root(self) -> int:
-        """Offset of the root object (0 when unset); persistent. Setting it takes the lock."""
-        with self._locked():
-            return int(self._a._w[F.H_ROOT])
+    def root_offset(self) -> int:
+        """Offset of the raw root block (header entry ``root``; 0 when unset); persistent.
+        Setting it takes the lock; it must name a live block or slot (or be 0)."""
+        c = self._live_core()
+        with c.locked():
+            return int(c._w[F.H_ROOT])
 
-    @root.setter
-    def root(self, off: int) -> None:
-        if self.readonly:
-            raise ReadOnlyError("cannot set the root of a heap opened read-only")
-        self._op(self._a.set_root, off)  # journaled: undone with its transaction
+    @root_offset.setter
+    def root_offset(self, off: int) -> None:
+        self._mutable_core("root_offset").set_entry("root", off)
 
     # -- whole-heap operations ---------------------------------------------------------------
 
-    def walk(self) -> Iterator[BlockInfo]:
-        """Every block in address order (a snapshot taken under the lock). O(blocks)."""
-        with self._locked():
-            return iter(list(self._a.walk()))
+    def walk(self, slots: bool = False) -> Iterator[BlockInfo]:
+        """Every block in address order (a snapshot taken under the lock); with ``slots``, the
+        slots of each run after it. O(blocks + slots)."""
+        c = self._live_core()
+        with c.locked():
+            return iter(list(c.walk(slots)))
 
     def stats(self) -> HeapStats:
-        """Used/free bytes and blocks, largest free block, fragmentation. O(blocks)."""
-        with self._locked():
-            return self._a.stats()
+        """Used/free bytes, blocks, runs and slots, largest free block, fragmentation.
+        O(blocks)."""
+        c = self._live_core()
+        with c.locked():
+            return c.stats()
 
     def check(self, progress: Any = None) -> None:
         """Verify every invariant; raise CorruptHeapError naming the offset and invariant.
 
-        Header and journal state, the boundary-tag walk, the allocation bitmap, every bin (each
-        free block in its own bin once, symmetric links, no cycle: walks are bounded), bitmaps
-        against bins, root and transaction log pointing at live blocks. O(blocks + capacity/512).
+        Header fields against each other and the file, the boundary-tag walk, every run, the
+        page map and the allocation bitmap, every bin and class list (each free block in its own
+        bin once, symmetric links, no cycle: walks are bounded), entries and transaction log
+        naming live blocks, zeros above zero_from. O(blocks + capacity / 60).
         ``progress(fraction)`` is called now and then on large heaps.
         """
-        with self._locked():
-            self._a.check(progress)
+        c = self._live_core()
+        with c.locked():
+            c.check(progress)
 
     def repair(self) -> str:
         """Make a damaged heap whole where its boundary tags allow; return what was done.
 
         Taking the lock already undid any operation or transaction a dead process left in the
         journal. If check() still fails and the boundary tags (the truth) are sound, the bins,
-        bitmaps and allocation bitmap are rebuilt from them. If the tags themselves are damaged,
-        CorruptHeapError names the first bad one and nothing is changed: the file is left for a
-        person (``pheap walk`` shows where).
+        class lists, page map and allocation bitmap are rebuilt from them. If the tags themselves
+        are damaged, CorruptHeapError names the first bad one and nothing is changed: the file
+        is left for a person (``pheap walk`` shows where).
         O(blocks). Back the file up first: ``pheap repair --backup`` does.
         """
-        with self._locked():
+        c = self._mutable_core("repair")
+        with c.locked():
             try:
-                self._a.check()
+                c.check()
                 return "sound: nothing to repair"
             except CorruptHeapError as e:
                 first = str(e)
-            n = self._rebuild()
-            w = self._a._w
+            n = c.do_rebuild()
             done = f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"
-            root = w[F.H_ROOT]
-            if root and not self._a.is_live(root):
-                self._op(self._a.set_root, 0)
-                done += f"; the root pointed at {root}, which is not a live block: cleared"
-            self._a.check()
+            w = c._w
+            for name, i in [*F.ENTRIES.items(), ("txlog", F.H_TXLOG)]:
+                v = w[i]
+                if v and not c.is_live(v):
+                    w[i] = 0
+                    done += f"; the {name} entry pointed at {v}, not a live block: cleared"
+            zf = w[F.H_ZERO_FROM]
+            try:
+                c._check_zeros()
+            except CorruptHeapError:
+                w[F.H_ZERO_FROM] = c._meta
+                done += f"; bytes above zero_from {zf} were not zero: zero_from raised"
+            c.check()
             return done
 
     def rebuild_bins(self) -> int:
-        """Recreate the bins and bitmaps from the boundary tags; return the free block count."""
-        with self._locked():
-            return self._rebuild()
-
-    def _rebuild(self) -> int:
-        """rebuild_bins under the lock, marked so that a crash half way is rebuilt again."""
-        a = self._a
-        if a.in_tx:
-            raise PheapError("rebuild_bins()/repair() inside a transaction: its undo could not "
-                             "restore what the rebuild rewrites; call it after the commit")
-        a.check_tags()  # damaged tags: raise before changing anything
-        w = a._w
-        w[F.H_OWNER_STATE] = F.STATE_IN_OP_UNJOURNALED  # a crash from here: check + rebuild
-        n = a.rebuild_bins()
-        w[F.H_OWNER_STATE] = self._held_state
-        return n
+        """Recreate the bins, class lists, page map and allocation bitmap from the boundary
+        tags; return the free block count. O(blocks)."""
+        c = self._mutable_core("rebuild_bins")
+        with c.locked():
+            return c.do_rebuild()
 
     def trim(self) -> int:
         """Give the pages of the wilderness and of large free blocks back to the OS; return the
         bytes released. The file keeps its length; its disk blocks go. O(free blocks)."""
-        with self._locked():
-            return self._a.trim()
+        c = self._mutable_core("trim")
+        with c.locked():
+            return c.trim()
 
     def flush(self) -> None:
         """msync the mapping: data written so far survives an OS crash or power loss."""
-        with self._locked():
-            self._region.flush()
+        c = self._live_core()
+        with c.locked():
+            c.region.flush()
 
     # -- properties ----------------------------------------------------------------------------
 
     @property
     def path(self) -> str | None:
         """The heap file, or None for memfd and anonymous heaps."""
-        return self._region.path
+        return self._core.region.path
 
     @property
     def kind(self) -> str:
         """``'file'``, ``'memfd'`` or ``'anon'``."""
-        return self._region.kind
+        return self._core.region.kind
 
     @property
     def capacity(self) -> int:
         """Bytes currently mapped (grows on demand)."""
-        with self._locked():
-            return self._a._cap
+        c = self._live_core()
+        with c.locked():
+            return c._cap
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._closed or self._core.closed
+
+    @property
+    def durability(self) -> str:
+        """``'process'`` or ``'power'``."""
+        return self._core.durability
+
+    @property
+    def lock_timeout(self) -> float | None:
+        """Seconds an implicit lock acquisition waits (None: forever); shared by the handles
+        of one heap in this process."""
+        return self._core.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, t: float | None) -> None:
+        self._core.lock_timeout = t
 
     def info(self) -> dict[str, Any]:
         """Header fields as a dict (what ``pheap info`` prints). O(1)."""
-        with self._locked():
-            w = self._a._w
-            mm = self._region.mm
+        c = self._live_core()
+        with c.locked():
+            w = c._w
+            mm = c.region.mm
             return {
                 "path": self.path,
                 "kind": self.kind,
@@ -741,25 +1176,30 @@ class Heap:
                 "max_size": int(w[F.H_MAX_SIZE]),
                 "generation": int(w[F.H_GENERATION]),
                 "root": int(w[F.H_ROOT]),
-                "op_count": int(w[F.H_OP_COUNT]),
+                "objects": int(w[F.H_OBJECTS]),
                 "recoveries": int(w[F.H_RECOVERIES]),
                 "journal_pending": bool(w[F.J_STATE]),
-                "journaled": self._journaled,
+                "durability": c.durability,
                 "readonly": self.readonly,
             }
 
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unmap and close. Idempotent; never raises. Views still held keep their mapping alive."""
+        """Let go of the heap: idempotent, never raises. The mapping is unmapped when the last
+        handle of this heap in the process closes; views still held keep it alive."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._lock.close()
-            self._region.close()
-            if self._lock_fd_source >= 0:
-                os.close(self._lock_fd_source)
+            self.__dict__.pop("malloc", None)
+            self.__dict__.pop("free", None)
+            core = self._core
+            core.handles -= 1
+            if core.handles <= 0:
+                if core.lock.held():
+                    core.fast = 0
+                core.close()
         except Exception:
             pass
 
@@ -776,9 +1216,14 @@ class Heap:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"capacity={self._a._cap}"
+        c = self._core
+        state = "closed" if self.closed else f"capacity={c._cap}"
         where = self.path or self.kind
-        return f"<pheap.Heap {where} {state}>"
+        return f"<pheap.Heap {where} {state}{' read-only' if self.readonly else ''}>"
+
+    def __copy__(self) -> Heap:
+        """Another handle on the same heap (shares the lock and journal)."""
+        return Heap(self._live_core(), self.readonly, None)
 
     # -- pickling: a handle that re-attaches in another process --------------------------------
 
@@ -791,102 +1236,15 @@ class Heap:
         anonymous heap has nothing to send: it is shared by ``fork`` only, and pickling it raises
         TypeError.
         """
-        if self._closed:
+        if self.closed:
             raise HeapClosedError("cannot pickle a closed heap")
-        kind = self._region.kind
+        kind = self.kind
         if kind == "file":
             return (_reattach_file, (self.path, "r" if self.readonly else "w",
-                                     self.lock_timeout, self._journaled, self.durability))
+                                     self.lock_timeout, self.durability))
         if kind == "memfd":
             from multiprocessing import reduction
 
-            return (_reattach_memfd, (reduction.DupFd(self._region.fd), self.lock_timeout,
-                                      self._journaled))
+            return (_reattach_memfd, (reduction.DupFd(self._core.region.fd), self.lock_timeout))
         raise TypeError("an anonymous heap cannot be sent to another process: it is shared with "
                         "forked children only; use pheap.memfd() or a heap file instead")
-
-    def _locked(self) -> _LockContext:
-        return _LockContext(self, self.lock_timeout)
-
-    @staticmethod
-    def _read_only_op(name: str) -> Any:
-        def op(*args: object, **kwargs: object) -> Any:
-            raise ReadOnlyError(f"{name}() on a heap opened read-only (flag 'r')")
-        op.__name__ = name
-        return op
-
-
-class Transaction:
-    """An open transaction (see :meth:`Heap.transaction`)."""
-
-    __slots__ = ("_heap", "_log_size", "_durable", "_outer", "_entered")
-
-    def __init__(self, heap: Heap, log_size: int, durable: bool) -> None:
-        self._heap = heap
-        self._log_size = log_size
-        self._durable = durable
-        self._outer = False
-        self._entered = False
-
-    def __enter__(self) -> Transaction:
-        h = self._heap
-        h._acquire(h.lock_timeout)
-        a = h._a
-        try:
-            if not a.in_tx:
-                want = max(self._log_size, h._tx_log_want)
-                a.ensure_txlog(want)  # type: ignore[attr-defined]
-                if a.pending:
-                    a.release_pending()
-                a.tx_begin()  # type: ignore[attr-defined]
-                self._outer = True
-        except BaseException:
-            h._lock.release()
-            raise
-        self._entered = True
-        return self
-
-    def add_range(self, off: int, n: int) -> None:
-        """Log bytes [off, off+n) before you change them through a view. O(n)."""
-        h = self._heap
-        if not self._entered:
-            raise PheapError("add_range() outside the transaction's with-block")
-        h._span(off, n, True)
-        h._a.log_range(off, n)  # type: ignore[attr-defined]
-
-    def __exit__(self, et: object, ev: object, tb: object) -> None:
-        h = self._heap
-        a = h._a
-        if h._closed:
-            self._entered = False
-            h._lock.release()
-            raise HeapClosedError("the heap was closed inside a transaction: it was not "
-                                  "committed, and the next process to open the heap undoes it")
-        try:
-            if self._outer:
-                if et is None:
-                    a.tx_commit(self._durable)  # type: ignore[attr-defined]
-                else:
-                    a.tx_abort()  # type: ignore[attr-defined]
-                    if isinstance(ev, TransactionTooLargeError):
-                        h._tx_log_want = max(h._tx_log_want * 2, TX_LOG_SIZE)
-        finally:
-            self._entered = False
-            h._lock.release()
-
-
-class _LockContext:
-    __slots__ = ("_heap", "_timeout")
-
-    def __init__(self, heap: Heap, timeout: float | None) -> None:
-        self._heap = heap
-        self._timeout = timeout
-
-    def __enter__(self) -> Heap:
-        h = self._heap
-        h._acquire(self._timeout)
-        return h
-
-    def __exit__(self, *exc: object) -> None:
-        self._heap._lock.release()
-

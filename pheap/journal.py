@@ -1,47 +1,81 @@
-"""The undo journal that makes every allocator operation atomic, and the crash-point hooks.
+"""The undo journal: it makes every allocator operation, ``atomic()`` bracket and transaction
+all-or-nothing, even when the process is killed in the middle, and it owns recovery.
 
-Protocol (all inside the header page; layout in :mod:`pheap.format`)::
+Protocol (layout and record format in :mod:`pheap.format`)::
 
-    begin:    j_entries[0].index = 0; j_state = 1
-    write:    entry[k+1].index = 0; entry[k].old = w[i]; entry[k].index = i; w[i] = new
+    begin:    log[0] = 0; j_state = 1 (or 2 for a transaction, whose log is the txlog block)
+    store:    log[k+3] = 0; log[k+1] = old; log[k+2] = check; log[k] = index; w[index] = new
     commit:   j_state = 0
-    recover:  if j_state: for each entry, last first: w[index] = old; then j_state = 0
+    recover:  if j_state: check every record, then write the old values back, last first;
+              j_state = 0
 
-An entry becomes live when its index word is written, and only then is the heap word changed, so
-a crash between any two word writes leaves either an entry whose word is unchanged or an entry
+A record becomes live when its first word is written, and only then is the heap word changed, so
+a crash between any two word writes leaves either a record whose word is unchanged or a record
 that restores it. Restoring writes absolute old values, so it is idempotent: a crash during
-recovery is recovered again. Recovery is O(entries), not O(heap).
+recovery is recovered again. Recovery is O(records), not O(heap). Every record carries a check
+word, so a damaged journal is refused (:class:`DamagedJournalError`) instead of being written
+into the heap.
 
-Python does not promise that an 8-byte store is atomic, but a ``memoryview`` of format ``'Q'``
-stores an aligned word with one machine store, and SIGKILL cannot split a machine store; that is
-the crash model of the default durability (a process crash: the page cache survives it). Power
-loss is a different model: see :meth:`pheap.Heap.flush` and docs/design.md.
+One :class:`Journal` per mapped heap in a process owns the cursors of the log in use and the
+three brackets:
+
+* an *operation* (``begin``/``commit``/``rollback``): one allocator call, records in the header;
+* an *atomic bracket* (``Heap.atomic()``): several operations and word writes as one, records in
+  the header (``JournalFullError`` past its 3.5 KiB);
+* a *transaction* (``Heap.transaction()``): records in a log block in the heap that grows, byte
+  ranges included.
+
+Inside a bracket, ``begin`` returns a savepoint, so that one failing operation is undone alone
+and the bracket goes on. The cursors in Python are only where to append: every rollback and every
+recovery reads the records from the mapping, so an exception that lands between two statements of
+the journal (Ctrl-C) never makes an undo skip a record.
 
 Why undo rather than redo: an allocator operation reads words it has just written (unlinking a
 block and then inserting the remainder into the same bin), so a redo log would need a read
 overlay. Undo lets the operation run exactly as without a journal.
 
+Python does not promise that an 8-byte store is atomic, but a ``memoryview`` of format ``'Q'``
+stores an aligned word with one machine store, and SIGKILL cannot split a machine store; that is
+the crash model of the default durability (a process crash: the page cache survives it). Power
+loss is a different model: see docs/design.md.
+
 Crash points (testing only): ``PHEAP_CRASHPOINT=name:n[,name:n...]`` in the environment, or
 :func:`set_crashpoint`, SIGKILLs the process at the n-th hit of a named point. Points: ``begin``
-(after j_state is set), ``write`` (twice per journaled word: before its entry and between the
-entry and the word), ``commit`` (before j_state is cleared), ``recover`` (between restored words),
-``grow`` (file extended, capacity not yet written), ``release`` (committed, before pages are
-given back). When no crash point is set, none of this code is on any path.
+(after j_state is set), ``write`` (twice per journaled word: before its record and between the
+record and the word), ``commit`` (before j_state is cleared), ``recover`` (between restored
+words), ``grow`` (file extended, capacity not yet written), ``release`` (committed, before pages
+are given back). A journal made while no point is armed runs none of this code.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Final
+import zlib
+from typing import TYPE_CHECKING, Final
 
 from . import format as F
-from .errors import CorruptHeapError
+from .errors import DamagedJournalError, JournalFullError, TransactionTooLargeError
 
-__all__ = ["set_crashpoint", "clear_crashpoints", "crashpoints_armed", "hit", "undo",
-           "pending_entries", "log_area", "records", "restore", "CRASH_ENV"]
+if TYPE_CHECKING:
+    from .region import Region
+
+__all__ = ["Journal", "set_crashpoint", "clear_crashpoints", "crashpoints_armed", "hit",
+           "pending_records", "undo", "CRASH_ENV", "IDLE", "OP", "ATOMIC", "TX"]
 
 CRASH_ENV: Final = "PHEAP_CRASHPOINT"  #: environment variable naming crash points
+
+IDLE: Final = 0  #: no operation or bracket is open
+OP: Final = 1  #: one operation is open (records in the header)
+ATOMIC: Final = 2  #: an atomic bracket is open (records in the header)
+TX: Final = 3  #: a transaction is open (records in the txlog block)
+OUTERMOST: Final = -1  #: the token begin() returns when it opened the operation itself
+
+_J_RECORDS: Final = F.J_RECORDS
+_J_STATE: Final = F.J_STATE
+_J_END: Final = F.J_END
+_MIX: Final = F.J_MIX
+_RANGE: Final = F.RANGE_FLAG
 
 _points: dict[str, int] = {}
 
@@ -59,7 +93,7 @@ def clear_crashpoints() -> None:
 
 
 def crashpoints_armed() -> bool:
-    """Whether any crash point is set (allocators made from now on use the counting writer)."""
+    """Whether any crash point is set (journals made from now on count the hits)."""
     return bool(_points)
 
 
@@ -83,103 +117,93 @@ def _parse_env() -> None:
 _parse_env()
 
 
-def log_area(w: memoryview, words: int) -> tuple[int, int]:
-    """Word range [start, end) of the records of the journal now in use (header or txlog)."""
-    state = w[F.J_STATE]
-    if state == F.J_OP or state == 0:
-        return F.J_ENTRIES, F.J_END
+# ---------------------------------------------------------------------------------------------
+# Reading and restoring records (recovery and rollback)
+# ---------------------------------------------------------------------------------------------
+
+Record = tuple[int, int, "bytes | None"]  #: (word index, old value, None) or (offset, 0, bytes)
+
+
+def log_area(w: memoryview) -> tuple[int, int]:
+    """Word range [start, end) of the log that j_state says is in use (header or txlog)."""
+    state = w[_J_STATE]
     if state != F.J_TX:
-        raise CorruptHeapError(f"offset {F.J_STATE * 8}: journal state {state} is not 0, 1 or 2")
+        return _J_RECORDS, _J_END
     p = w[F.H_TXLOG]
     brk = w[F.H_BRK]
     if p & 7 or not F.BLOCKS_OFF + 8 <= p < brk:
-        raise CorruptHeapError(f"offset {F.H_TXLOG * 8}: transaction log offset {p} is not a "
-                               f"block in [{F.BLOCKS_OFF + 8}, {brk})")
-    size = w[(p >> 3) - 1] & ~7
+        raise DamagedJournalError(f"{F.at('txlog')}: transaction log offset {p} is not a "
+                                  f"block in [{F.BLOCKS_OFF + 8}, {brk})")
+    size = w[(p >> 3) - 1] & F.SIZE_MASK
     if size < F.MIN_BLOCK or p - 8 + size > brk:
-        raise CorruptHeapError(f"offset {p - 8}: transaction log block size {size} runs past "
-                               f"brk {brk}")
+        raise DamagedJournalError(f"offset {p - 8}: transaction log block size {size} runs "
+                                  f"past brk {brk}")
     return p >> 3, (p - 8 + size) >> 3
 
 
-def pending_entries(w: memoryview, words: int) -> list[tuple[int, int, bytes | None]]:
-    """The live undo records of an interrupted operation or transaction, validated.
+def records(w: memoryview, words: int, p: int, start: int, end: int) -> list[Record]:
+    """Parse and check the records from word ``p`` of the log occupying words [start, end).
 
-    Each record is ``(word_index, old_value, None)`` or ``(byte_offset, 0, old_bytes)``.
-    [] when nothing is in flight. A record naming anything outside the mapping, inside the
-    immutable header or inside the journal itself means the journal is damaged: CorruptHeapError.
+    Raises DamagedJournalError for a record whose check word fails, or that names anything
+    outside what an operation may change (the immutable header, the journal itself, past the
+    mapping): such a record is never restored.
     """
-    if not w[F.J_STATE]:
-        return []
-    start, end = log_area(w, words)
-    return records(w, words, start, start, end)
-
-
-def records(w: memoryview, words: int, p: int, start: int,
-            end: int) -> list[tuple[int, int, bytes | None]]:
-    """Parse the records from word ``p`` of the log occupying words [start, end)."""
-    out: list[tuple[int, int, bytes | None]] = []
-    while p + 1 < end:
+    out: list[Record] = []
+    while p < end:
         i = w[p]
         if i == 0:
             break
-        if i & F.RANGE_FLAG:
-            n = i & ~F.RANGE_FLAG
+        if p + 2 >= end:
+            raise DamagedJournalError(f"offset {p * 8}: journal record runs past its log")
+        if i & _RANGE:
+            n = i & ~_RANGE
             off = w[p + 1]
             nw = (n + 7) >> 3
-            if off < F.BLOCKS_OFF or off + n > words * 8 or p + 2 + nw >= end or \
-                    start * 8 <= off + n and off < end * 8:
-                raise CorruptHeapError(f"offset {p * 8}: range record ({off}, {n} bytes) "
-                                       "outside the block area or past the log")
-            data = bytes(w[p + 2:p + 2 + nw].cast("B"))[:n]
+            if off < F.BLOCKS_OFF or off + n > words * 8 or p + 3 + nw > end or \
+                    start * 8 < off + n and off < end * 8:
+                raise DamagedJournalError(f"offset {p * 8}: range record ({off}, {n} bytes) "
+                                          "outside the block area or past the log")
+            data = bytes(w[p + 3:p + 3 + nw].cast("B"))[:n]
+            if w[p + 2] != (zlib.crc32(data) ^ off ^ n):
+                raise DamagedJournalError(f"offset {p * 8}: range record ({off}, {n} bytes) "
+                                          "fails its check")
             out.append((off, 0, data))
-            p += 2 + nw
+            p += 3 + nw
             continue
-        if i >= words or F.H_JOURNAL <= i < F.J_END or i < F.H_CAPACITY or start <= i < end:
-            raise CorruptHeapError(f"offset {p * 8}: journal record names word {i}, outside "
-                                   "what an operation may change")
         old = w[p + 1]
+        if w[p + 2] != i ^ old ^ _MIX:
+            raise DamagedJournalError(f"offset {p * 8}: journal record for word {i} fails its "
+                                      "check")
+        if i >= words or F.H_JOURNAL <= i < _J_END or i < F.H_CAPACITY or \
+                F.H_OWNER_PID <= i < F.H_JOURNAL or start <= i < end:
+            raise DamagedJournalError(f"offset {p * 8}: journal record names word {i}, outside "
+                                      "what an operation may change")
         if i == F.H_CAPACITY and (old % F.PAGE or not F.min_capacity() <= old <= words * 8) or \
                 i == F.H_BRK and (old & 7 or not F.BLOCKS_OFF <= old <= words * 8):
-            raise CorruptHeapError(f"offset {p * 8}: journal record would restore "
-                                   f"{'capacity' if i == F.H_CAPACITY else 'brk'} = {old}, "
-                                   "which no heap of this file can have")
+            raise DamagedJournalError(f"offset {p * 8}: journal record would restore word {i} "
+                                      f"to {old}, which no heap of this file can have")
         out.append((i, old, None))
-        p += 2
+        p += 3
+    else:
+        raise DamagedJournalError(f"offset {end * 8}: journal has no end record")
     return out
 
 
-def undo(w: memoryview, words: int) -> int:
-    """Roll back an interrupted operation or transaction: restore its records, last first.
+def pending_records(w: memoryview, words: int) -> list[Record]:
+    """The live undo records of an interrupted operation, bracket or transaction, checked.
 
-    Idempotent: restoring absolute old values twice is restoring them once, so a crash during
-    recovery is recovered by the next opener. Returns the records restored. O(records).
+    [] when nothing is in flight. ``words`` is the size of the mapping in words.
     """
-    entries = pending_entries(w, words)
-    if not w[F.J_STATE]:
-        return 0
-    armed = bool(_points)
-    restore(w, entries, armed)
-    if entries:
-        forget_zeros(w)
-    w[F.J_STATE] = 0
-    return len(entries)
+    if not w[_J_STATE]:
+        return []
+    start, end = log_area(w)
+    return records(w, words, start, start, end)
 
 
-def forget_zeros(w: memoryview) -> None:
-    """After an undo, trust no zeros: the undone work may have written above brk (a copy, a
-    memset, transaction data) without records, and zero_from was put back under those bytes.
-    Moving zero_from up to the bitmap is always safe; the next wilderness release lowers it."""
-    cap = w[F.H_CAPACITY]
-    if cap >= F.min_capacity() and cap % F.PAGE == 0:
-        w[F.H_ZERO_FROM] = F.bitmap_off(cap)
-
-
-def restore(w: memoryview, records: list[tuple[int, int, bytes | None]],
-            armed: bool = False) -> None:
-    """Write the old values of ``records`` back, last record first."""
+def restore(w: memoryview, recs: list[Record], armed: bool = False) -> None:
+    """Write the old values of ``recs`` back, last record first."""
     wb = None
-    for i, old, data in reversed(records):
+    for i, old, data in reversed(recs):
         if armed:
             hit("recover")
         if data is None:
@@ -190,3 +214,255 @@ def restore(w: memoryview, records: list[tuple[int, int, bytes | None]],
             wb[i:i + len(data)] = data
     if wb is not None:
         wb.release()
+
+
+def forget_zeros(w: memoryview) -> None:
+    """After an undo, trust no zeros: the undone work may have written above brk (a run header,
+    a copy, a memset) without records, and zero_from was put back under those bytes. Moving
+    zero_from up to the metadata is always safe; the next wilderness release lowers it."""
+    cap = w[F.H_CAPACITY]
+    if cap >= F.min_capacity() and cap % F.PAGE == 0:
+        w[F.H_ZERO_FROM] = F.meta_off(cap)
+
+
+def undo(w: memoryview, words: int) -> int:
+    """Roll back whatever j_state says is pending: restore its records, last first, then clear
+    j_state. Idempotent. Returns the records restored. O(records)."""
+    if not w[_J_STATE]:
+        return 0
+    recs = pending_records(w, words)
+    restore(w, recs, bool(_points))
+    if recs:
+        forget_zeros(w)
+    w[_J_STATE] = 0
+    return len(recs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The journal of one mapped heap
+# ---------------------------------------------------------------------------------------------
+
+
+class Journal:
+    """The undo log of one mapped heap in this process: cursors, brackets, stores.
+
+    ``set(i, v)`` is the journaled store every allocator and object-layer change goes through
+    while an operation or bracket is open. Cost: five word stores and a read, about 0.2 us in
+    CPython. Callers refresh ``w`` when the region is remapped.
+    """
+
+    __slots__ = ("w", "_region", "mode", "pos", "base", "end", "durable", "fresh", "freed",
+                 "new_runs", "at_brk", "at_meta", "at_cap", "set", "_crashy")
+
+    def __init__(self, region: Region, durable: bool = False) -> None:
+        self._region = region
+        self.w = region.w
+        self.mode = IDLE  #: IDLE, OP, ATOMIC or TX
+        self.pos = _J_RECORDS  #: where the next record goes
+        self.base = _J_RECORDS  #: first record word of the log in use
+        self.end = _J_END  #: first word past the log in use
+        self.durable = durable  #: msync before and after every commit word
+        #: Slots allocated in the open bracket whose bytes no undo needs: free when the bracket
+        #: began, in a run that existed then (offset -> end). Stores into them are not logged.
+        self.fresh: dict[int, int] = {}
+        self.freed: set[int] = set()  #: slots freed in the open bracket (never fresh again)
+        self.new_runs: set[int] = set()  #: runs made in the open bracket (their slots are not
+        #: fresh: the run may have been carved from bytes that were live when it began)
+        self.at_brk = 0  #: brk when the open bracket began
+        self.at_meta = 0  #: metadata offset when the open bracket began
+        self.at_cap = 0  #: capacity when the open bracket began
+        self._crashy = bool(_points)  # test-only: count crash points
+        self.set = self._set_crash if self._crashy else self._set
+
+    # -- stores ------------------------------------------------------------------------------
+
+    def _set(self, i: int, v: int) -> None:
+        """Journal word ``i``, then store ``v`` in it."""
+        w = self.w
+        p = self.pos
+        if p + 4 > self.end:
+            raise self._full()
+        old = w[i]
+        w[p + 3] = 0  # the next record's first word: keeps the log ended
+        w[p + 1] = old
+        w[p + 2] = i ^ old ^ _MIX
+        w[p] = i  # the record is live from here on
+        self.pos = p + 3
+        w[i] = v
+
+    def _set_crash(self, i: int, v: int) -> None:
+        hit("write")
+        w = self.w
+        p = self.pos
+        if p + 4 > self.end:
+            raise self._full()
+        old = w[i]
+        w[p + 3] = 0
+        w[p + 1] = old
+        w[p + 2] = i ^ old ^ _MIX
+        w[p] = i
+        self.pos = p + 3
+        hit("write")
+        w[i] = v
+
+    def log_range(self, off: int, n: int) -> None:
+        """Record the current bytes [off, off+n) so that an undo restores them.
+
+        Skipped where nothing needs restoring: a fresh slot (see ``fresh``), and bytes that were
+        wilderness when the bracket began (in no live block then; the undo frees whatever was
+        allocated there). O(n).
+        """
+        if n <= 0 or self.mode < ATOMIC:
+            return
+        end = off + n
+        e = self.fresh.get(off)
+        if e is not None and end <= e:
+            return
+        lo, hi, cap = self.at_brk, self.at_meta, self.at_cap
+        if off < lo:
+            self._log_bytes(off, min(end, lo) - off)
+        if end > hi and off < cap:  # the old metadata, if the heap grew; past it was no heap
+            start = max(off, hi)
+            self._log_bytes(start, min(end, cap) - start)
+
+    def _log_bytes(self, off: int, n: int) -> None:
+        w = self.w
+        p = self.pos
+        nw = (n + 7) >> 3
+        if p + 4 + nw > self.end:
+            raise self._full(n)
+        if self._crashy:
+            hit("write")
+        data = bytes(self._region.mm[off:off + n])
+        self._region.mm[(p + 3) << 3:((p + 3) << 3) + n] = data
+        w[p + 3 + nw] = 0
+        w[p + 1] = off
+        w[p + 2] = zlib.crc32(data) ^ off ^ n
+        w[p] = _RANGE | n  # the record is live from here on
+        self.pos = p + 3 + nw
+        if self._crashy:
+            hit("write")
+
+    def _full(self, n: int = 8) -> JournalFullError:
+        size = (self.end - self.base) * 8
+        if self.mode == TX:
+            return TransactionTooLargeError(
+                f"transaction log full: {n} more bytes do not fit in its {size} bytes")
+        what = "an atomic() bracket" if self.mode == ATOMIC else "an operation"
+        return JournalFullError(f"{what} changes more than the {size} bytes of the operation "
+                                "journal hold; use heap.transaction() for large updates")
+
+    # -- operations --------------------------------------------------------------------------
+
+    def begin(self) -> int:
+        """Open an operation; return the token for commit/rollback.
+
+        Inside a bracket the operation joins it, and the token is a savepoint, so that a
+        failing operation is undone alone.
+        """
+        if self.mode:
+            return self.pos
+        w = self.w
+        w[_J_RECORDS] = 0
+        w[_J_STATE] = F.J_OP  # from here a crash undoes the operation
+        self.pos = self.base = _J_RECORDS
+        self.end = _J_END
+        self.mode = OP
+        if self._crashy:
+            hit("begin")
+        return OUTERMOST
+
+    def commit(self, token: int) -> None:
+        """Close the operation ``begin`` opened: one word makes all of it permanent."""
+        if token != OUTERMOST:
+            return
+        self._commit_word()
+        self.mode = IDLE
+
+    def rollback(self, token: int) -> None:
+        """Undo the operation (it raised): every journaled word gets its old value back.
+
+        Inside a bracket only the records since the savepoint are undone.
+        """
+        w = self.w
+        if token == OUTERMOST:
+            try:
+                undo(w, len(w))
+            finally:
+                self.mode = IDLE
+            return
+        recs = records(w, len(w), token, self.base, self.end)
+        restore(w, recs)
+        if recs:
+            forget_zeros(w)
+        w[token] = 0
+        self.pos = token
+
+    def _commit_word(self) -> None:
+        if self._crashy:
+            hit("commit")
+        if self.durable:  # the work and its undo log on disk before and after the commit word
+            self._region.flush()
+            self.w[_J_STATE] = 0
+            self._region.flush()
+        else:
+            self.w[_J_STATE] = 0
+
+    # -- brackets ------------------------------------------------------------------------------
+
+    def open_bracket(self, mode: int, meta: int) -> None:
+        """Open an atomic bracket (``ATOMIC``) or a transaction (``TX``; the txlog block must
+        exist). ``meta`` is the metadata offset now (the end of the wilderness)."""
+        w = self.w
+        if mode == TX:
+            start, end = _txlog_words(w)
+        else:
+            start, end = _J_RECORDS, _J_END
+        w[start] = 0
+        self.at_brk = w[F.H_BRK]
+        self.at_meta = meta
+        self.at_cap = w[F.H_CAPACITY]
+        self._forget()
+        self.pos = self.base = start
+        self.end = end
+        w[_J_STATE] = F.J_TX if mode == TX else F.J_OP  # from here a crash undoes it all
+        self.mode = mode
+        if self._crashy:
+            hit("begin")
+
+    def close_bracket(self, commit: bool, durable: bool = False) -> None:
+        """Commit (one word) or undo everything the bracket did, last first."""
+        try:
+            if commit:
+                if durable and not self.durable:
+                    self.durable = True
+                    try:
+                        self._commit_word()
+                    finally:
+                        self.durable = False
+                else:
+                    self._commit_word()
+            else:
+                undo(self.w, len(self.w))
+        finally:
+            self.mode = IDLE
+            self._forget()
+            self.pos = self.base = _J_RECORDS
+            self.end = _J_END
+
+    def _forget(self) -> None:
+        self.fresh.clear()
+        self.freed.clear()
+        self.new_runs.clear()
+
+    def reset(self) -> None:
+        """Forget the cursors (a forked child, or after recovery): nothing is open."""
+        self.mode = IDLE
+        self._forget()
+        self.pos = self.base = _J_RECORDS
+        self.end = _J_END
+
+
+def _txlog_words(w: memoryview) -> tuple[int, int]:
+    p = w[F.H_TXLOG]
+    return p >> 3, (p - 8 + (w[(p >> 3) - 1] & F.SIZE_MASK)) >> 3

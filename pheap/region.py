@@ -1,39 +1,48 @@
 """The mapping under a heap: a file, a memfd, or a fixed anonymous shared region.
 
-A :class:`Region` owns one ``mmap`` and a word view of it (``memoryview(mm).cast('Q')``, the
-fastest way to read and write a word from Python: about 20 ns, against 80 ns for
-``struct.unpack_from``). It knows nothing about the heap format; it maps, grows, flushes, gives
-pages back to the OS and takes them again.
+A :class:`Region` owns one ``mmap``, a byte view (``b``) and a word view (``w``, a
+``memoryview(mm).cast('Q')``: the fastest way to read and write a word from Python, about 30 ns,
+against 80 ns for ``struct.unpack_from``). It knows nothing about the heap format; it maps, grows,
+flushes, gives pages back to the OS and takes them again.
 
 Growth never resizes a mapping in place (``mmap.resize`` raises ``BufferError`` while any
 memoryview of it exists). It extends the backing with ``posix_fallocate`` -- so a full disk is a
 :class:`HeapFullError` now, not a SIGBUS later -- and maps the larger size beside the old mapping.
-The old mapping stays open while callers still hold memoryviews of it (both map the same pages, so
-those views keep working and writes show through); it is closed at the next remap or close after
-its last view is released.
+The old mapping stays open while anything still holds a memoryview of it (both map the same
+pages, so those views keep working and writes show through); it is closed at a later remap or at
+close, once its last view is gone. :meth:`Region.remap` swaps the views in one step with no call
+in between, so an exception raised by a signal handler (Ctrl-C) can never leave a region whose
+``mm``, ``b``, ``w`` and ``size`` disagree.
+
+A memfd is sealed against shrinking (``F_SEAL_SHRINK``): no process can truncate it under the
+others' mappings, which would kill them with SIGBUS. A heap *file* cannot be sealed; see
+``Heap.view`` and the README for what is and is not protected there.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 from typing import Final
 
-from .errors import HeapFullError, PheapError
+from .errors import HeapFullError, NotSupportedError
 
 RELEASE_ADVICE: Final = getattr(mmap, "MADV_REMOVE", None)  #: frees pages and disk blocks
+MEMFD_SEALS: Final = getattr(fcntl, "F_SEAL_SHRINK", 0)  #: seals put on a new memfd
 
-__all__ = ["Region"]
+__all__ = ["Region", "allocate", "available_memory"]
 
 
 class Region:
-    """One mapping and its word view.
+    """One mapping and its views.
 
     ``kind`` is ``"file"``, ``"memfd"`` or ``"anon"``; ``fd`` is -1 for ``"anon"``.
     """
 
-    __slots__ = ("kind", "fd", "path", "readonly", "mm", "w", "size", "_base", "_old", "_owns_fd")
+    __slots__ = ("kind", "fd", "path", "readonly", "mm", "b", "w", "size", "_old", "_owns_fd",
+                 "sealed")
 
     def __init__(self, kind: str, fd: int, size: int, *, path: str | None = None,
                  readonly: bool = False, owns_fd: bool = True) -> None:
@@ -41,13 +50,11 @@ class Region:
         self.fd = fd
         self.path = path
         self.readonly = readonly
+        self.sealed = False
         self._owns_fd = owns_fd
-        self._old: list[mmap.mmap] = []  # earlier mappings that callers still hold views of
-        self.mm: mmap.mmap
-        self.w: memoryview
-        self._base: memoryview
+        self._old: list[mmap.mmap] = []  # earlier mappings that something still holds views of
         self.size = 0
-        self._map(size)
+        self.mm, self.b, self.w, self.size = self._map(size)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -64,30 +71,47 @@ class Region:
 
     @classmethod
     def new_memfd(cls, size: int, name: str = "pheap") -> Region:
-        """A growable anonymous region backed by ``memfd_create``; forked children share it."""
+        """A growable anonymous region backed by ``memfd_create``; forked children share it.
+
+        Sealed against shrinking where the kernel allows it.
+        """
         if not hasattr(os, "memfd_create"):
-            raise PheapError("memfd heaps need os.memfd_create (Linux)")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            raise NotSupportedError("memfd heaps need os.memfd_create (Linux 3.17+)")
+        flags = os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
+        fd = os.memfd_create(name, flags)
         try:
             allocate(fd, 0, size)
-            return cls("memfd", fd, size)
+            region = cls("memfd", fd, size)
         except BaseException:
             os.close(fd)
             raise
+        region.seal()
+        return region
 
     @classmethod
     def new_anonymous(cls, size: int) -> Region:
         """A fixed-size anonymous ``MAP_SHARED`` region; forked children share it."""
         return cls("anon", -1, size)
 
-    def _map(self, size: int) -> None:
+    def seal(self) -> None:
+        """Forbid shrinking the backing (memfd only; a no-op where sealing is unsupported)."""
+        if self.kind != "memfd" or not MEMFD_SEALS:
+            return
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+            self.sealed = True
+        except OSError:
+            self.sealed = bool(fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & MEMFD_SEALS) \
+                if hasattr(fcntl, "F_GET_SEALS") else False
+
+    def _map(self, size: int) -> tuple[mmap.mmap, memoryview, memoryview, int]:
         if self.fd < 0:
             mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
         else:
             access = mmap.ACCESS_READ if self.readonly else mmap.ACCESS_WRITE
             mm = mmap.mmap(self.fd, size, access=access)
-        base = memoryview(mm)
-        self.mm, self._base, self.w, self.size = mm, base, base.cast("Q"), size
+        b = memoryview(mm)
+        return mm, b, b.cast("Q"), size
 
     # -- growth -------------------------------------------------------------------------------
 
@@ -114,31 +138,63 @@ class Region:
         except HeapFullError:
             # posix_fallocate may have taken some blocks before it failed: give them back, so a
             # failed growth leaves the disk as it found it (nothing maps past the old size).
-            try:
-                os.ftruncate(self.fd, before)
-            except OSError:
-                pass
+            if not self.sealed:
+                try:
+                    os.ftruncate(self.fd, before)
+                except OSError:
+                    pass
             raise
 
     def remap(self, new_size: int) -> None:
-        """Map ``new_size`` bytes (the backing must already be that long). Old views stay valid."""
+        """Map ``new_size`` bytes (the backing must already be that long). Old views stay valid.
+
+        The four view attributes change in one statement with no call inside it, so an
+        exception from a signal handler lands either before (nothing changed) or after.
+        """
         if new_size == self.size:
             return
-        old, old_w, old_base = self.mm, self.w, self._base
-        self._map(new_size)
-        old_w.release()
-        old_base.release()
+        new = self._map(new_size)
+        old = self.mm
+        self.mm, self.b, self.w, self.size = new
         self._old.append(old)
-        self._close_old()
+        self.close_unused()
 
-    def _close_old(self) -> None:
+    def close_unused(self) -> None:
+        """Close the earlier mappings that no view refers to any more. Never raises."""
         keep = []
         for mm in self._old:
             try:
                 mm.close()
-            except BufferError:  # a caller still holds a view: keep the mapping alive
+            except BufferError:  # something still holds a view: keep the mapping alive
                 keep.append(mm)
+            except Exception:
+                pass
         self._old = keep
+
+    def data_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) that may hold non-zero bytes: for a file or memfd, the
+        extents that are not holes (``SEEK_DATA``/``SEEK_HOLE``; a hole reads as zeros), so a
+        scan for non-zero bytes costs what the file holds, not what its length claims."""
+        if self.fd < 0 or not hasattr(os, "SEEK_DATA") or start >= end:
+            return [(start, end)] if start < end else []
+        out = []
+        pos = start
+        try:
+            while pos < end:
+                try:
+                    d = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                        break
+                    raise
+                if d >= end:
+                    break
+                h = os.lseek(self.fd, d, os.SEEK_HOLE)
+                out.append((d, min(h, end)))
+                pos = h
+        except OSError:
+            return [(start, end)]
+        return out
 
     def file_size(self) -> int:
         """Current size of the backing (``size`` for anonymous regions)."""
@@ -172,18 +228,14 @@ class Region:
             self.mm.flush()
 
     def close(self) -> None:
-        """Unmap and close. Never raises; a mapping with live exports is left to the GC."""
+        """Unmap and close. Never raises; a mapping with live views is left to the GC."""
         try:
             self.w.release()
-            self._base.release()
+            self.b.release()
         except Exception:
             pass
         self._old.append(self.mm)
-        for mm in self._old:
-            try:
-                mm.close()
-            except Exception:  # views still exported: the GC unmaps it when they go
-                pass
+        self.close_unused()
         self._old = []
         if self._owns_fd and self.fd >= 0:
             try:

@@ -47,3 +47,29 @@ def reap(pid: int, timeout: float = 30.0) -> int:
             os.waitpid(pid, 0)
             raise AssertionError(f"child {pid} did not finish within {timeout} s")
         time.sleep(0.005)
+
+
+def core(h: pheap.Heap):
+    """The engine behind a handle (mapping, lock, journal, allocator)."""
+    return h._core
+
+
+def words(h: pheap.Heap):
+    """The word view of the heap's mapping."""
+    return h._core._w
+
+
+def span(h: pheap.Heap, p: int) -> tuple[int, int]:
+    """Bytes [start, end) the allocation at ``p`` occupies: a slot's own bytes, or a block's
+    header and payload."""
+    with h.lock():
+        start, end = h._core.containing(p, 0)
+        if not h._core._b[h._core._meta + (p >> 12)]:
+            start -= 8
+    return start, end
+
+
+def is_slot(h: pheap.Heap, p: int) -> bool:
+    """Whether ``p`` is a slot of a run (not a block)."""
+    with h.lock():
+        return bool(h._core._b[h._core._meta + (p >> 12)])

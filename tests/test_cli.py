@@ -35,7 +35,7 @@ def heap_file(tmp_path):
             h.write(p, k.encode() * 100)
         h.free(offs["B"])
         h.free(offs["D"])
-        h.root = offs["A"]
+        h.root_offset = offs["A"]
     return path, offs
 
 
@@ -267,7 +267,7 @@ def test_repair_with_backup_fixes_bin_damage(heap_file, capsys):
         h.check()
         for k in "ACEF":
             assert h.read(offs[k], 100) == k.encode() * 100
-        assert h.root == offs["A"]
+        assert h.root_offset == offs["A"]
         assert {h.malloc(100), h.malloc(100)} == {offs["B"], offs["D"]}  # the free blocks work
         h.check()
 

@@ -51,7 +51,7 @@ def make_heap(path: str, blocks: int = 5) -> list[int]:
             p = h.malloc(100 + i)
             h.write(p, pattern(i, 100 + i))
             offs.append(p)
-        h.root = offs[0]
+        h.root_offset = offs[0]
     return offs
 
 
@@ -93,10 +93,10 @@ class TestFlags:
             uuid = h.info()["uuid"]
             p = h.malloc(10)
             h.write(p, b"persistent")
-            h.root = p
+            h.root_offset = p
         with pheap.open(path, "c", size=8 * MIB) as h:  # exists: size is ignored
             assert h.info()["uuid"] == uuid and h.capacity == 2 * MIB
-            assert h.read(h.root, 10) == b"persistent"
+            assert h.read(h.root_offset, 10) == b"persistent"
         assert [f for f in os.listdir(tmp_path) if f != "c.heap"] == []  # no temporary left
 
     def test_w_opens_existing_read_write(self, tmp_path):
@@ -116,7 +116,7 @@ class TestFlags:
             old_uuid = h.info()["uuid"]
         with pheap.open(path, "n", size=MIB) as h:
             assert h.info()["uuid"] != old_uuid
-            assert h.root == 0 and h.stats().used_blocks == 0
+            assert h.root_offset == 0 and h.stats().used_blocks == 0
             h.check()
 
     def test_n_replaces_a_foreign_file(self, tmp_path):
@@ -202,7 +202,7 @@ class TestReadOnly:
         offs = make_heap(path)
         before = file_bytes(path)
         with pheap.open(path, "r") as h:
-            assert h.root == offs[0]
+            assert h.root_offset == offs[0]
             assert h.usable_size(offs[2]) >= 102
             assert len(list(h.walk())) == len(offs)
             v = h.view(offs[0], 100)
@@ -233,7 +233,7 @@ with pheap.open(path, "n", size=1 << 16) as h:
         offs.append((p, n, i))
     d = h.malloc(8 + 24 * len(offs))
     h.write(d, struct.pack("<Q", len(offs)) + b"".join(struct.pack("<3Q", *o) for o in offs))
-    h.root = d
+    h.root_offset = d
     h.check()
 print("wrote", len(offs))
 """
@@ -245,7 +245,7 @@ def pattern(tag, n):
     unit = struct.pack("<I", (tag * 2654435761 + 12345) & 0xFFFFFFFF)
     return (unit * (n // 4 + 1))[:n]
 with pheap.open(path, "w") as h:
-    d = h.root
+    d = h.root_offset
     (count,) = struct.unpack("<Q", h.read(d, 8))
     offs = [struct.unpack("<3Q", h.read(d + 8 + 24 * k, 24)) for k in range(count)]
     for p, n, i in offs:
@@ -262,14 +262,14 @@ with pheap.open(path, "w") as h:
     h.free(d)
     d = h.malloc(8 + 24 * len(keep))
     h.write(d, struct.pack("<Q", len(keep)) + b"".join(struct.pack("<3Q", *o) for o in keep))
-    h.root = d
+    h.root_offset = d
     h.check()
 print("verified", count, "now", len(keep))
 """
 
 
 def read_directory(h: pheap.Heap) -> list[tuple[int, int, int]]:
-    d = h.root
+    d = h.root_offset
     (count,) = struct.unpack("<Q", h.read(d, 8))
     return [struct.unpack("<3Q", h.read(d + 8 + 24 * k, 24)) for k in range(count)]
 
@@ -312,13 +312,13 @@ def test_forked_child_writes_into_an_anonymous_heap(tmp_path):
                 offs.append(p)
             d = h.malloc(8 * len(offs))
             h.write(d, struct.pack(f"<{len(offs)}Q", *offs))
-            h.root = d
+            h.root_offset = d
             h.free(mine)
             return 0
 
         pid = fork(child)
         assert reap(pid) == 0
-        offs = struct.unpack("<100Q", h.read(h.root, 800))
+        offs = struct.unpack("<100Q", h.read(h.root_offset, 800))
         for i, p in enumerate(offs):
             assert h.read(p, 200 + i) == pattern(100 + i, 200 + i)
         with pytest.raises(InvalidPointerError):
@@ -342,12 +342,12 @@ def test_memfd_growth_is_seen_both_ways():
                 return 3
             if h.capacity <= cap0:
                 return 4
-            p = h.root
+            p = h.root_offset
             if h.read(p + 3 * MIB - 6, 6) != b"parent":
                 return 5
             q = h.malloc(8 * MIB)  # and grow it further from here
             h.write(q + 8 * MIB - 5, b"child")
-            h.root = q
+            h.root_offset = q
             return 0
 
         pid = fork(child_sees_parent_growth)
@@ -355,7 +355,7 @@ def test_memfd_growth_is_seen_both_ways():
             os.close(r_go)
             p = h.malloc(3 * MIB)
             h.write(p + 3 * MIB - 6, b"parent")
-            h.root = p
+            h.root_offset = p
             assert h.capacity > cap0
             os.write(w_go, b"g")
         finally:
@@ -363,7 +363,7 @@ def test_memfd_growth_is_seen_both_ways():
             code = reap(pid)
         assert code == 0
         cap1 = h.capacity
-        q = h.root
+        q = h.root_offset
         assert q != p and cap1 >= q + 8 * MIB
         assert h.read(q + 8 * MIB - 5, 5) == b"child"
         assert h.read(p + 3 * MIB - 6, 6) == b"parent"
@@ -524,7 +524,7 @@ CLOSED_OPS = {
     "read": lambda h: h.read(F.BLOCKS_OFF + 8, 4),
     "write": lambda h: h.write(F.BLOCKS_OFF + 8, b"x"),
     "view": lambda h: h.view(F.BLOCKS_OFF + 8, 4),
-    "root": lambda h: h.root,
+    "root": lambda h: h.root_offset,
     "set_root": lambda h: setattr(h, "root", 0),
     "walk": lambda h: h.walk(),
     "stats": lambda h: h.stats(),
@@ -605,31 +605,31 @@ class TestRoot:
     def test_roundtrip_and_persistence(self, tmp_path):
         path = str(tmp_path / "root.heap")
         with pheap.open(path, "n") as h:
-            assert h.root == 0
+            assert h.root_offset == 0
             p = h.malloc(32)
             h.write(p, b"the root object")
-            h.root = p
-            assert h.root == p and h.info()["root"] == p
+            h.root_offset = p
+            assert h.root_offset == p and h.info()["root"] == p
         with pheap.open(path, "w") as h:
-            assert h.root == p
-            assert h.read(h.root, 15) == b"the root object"
-            h.root = 0
+            assert h.root_offset == p
+            assert h.read(h.root_offset, 15) == b"the root object"
+            h.root_offset = 0
         with pheap.open(path, "r") as h:
-            assert h.root == 0
+            assert h.root_offset == 0
 
     def test_non_live_offsets_are_refused(self, any_heap):
         h = any_heap
         a = h.malloc(64)
         b = h.malloc(64)
         h.malloc(8)
-        h.root = a
+        h.root_offset = a
         h.free(b)
         for off in (b, a + 8, a + 1, -8, 8, h.capacity, 1 << 40, "x", None):
             with pytest.raises(InvalidPointerError):
-                h.root = off
-            assert h.root == a
-        h.root = 0
-        assert h.root == 0
+                h.root_offset = off
+            assert h.root_offset == a
+        h.root_offset = 0
+        assert h.root_offset == 0
 
 
 # ---------------------------------------------------------------------------------------------

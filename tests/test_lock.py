@@ -151,14 +151,14 @@ def test_sigkilled_holder_does_not_block_others(kind, tmp_path):
 def test_read_only_handles_share_and_never_write(tmp_path):
     path = str(tmp_path / "ro.heap")
     with pheap.open(path, "n") as h:
-        h.root = h.malloc(8)
+        h.root_offset = h.malloc(8)
     writer = pheap.open(path, "w")  # opening read-write takes the lock once (recovery check)
     before = open(path, "rb").read()
     r1 = pheap.open(path, "r")
     r2 = pheap.open(path, "r")
     with r1.lock():
         with r2.lock(timeout=1.0):  # shared: readers do not exclude each other
-            assert r2.read(r2.root, 8) == bytes(8)
+            assert r2.read(r2.root_offset, 8) == bytes(8)
     with r1.lock():
         with pytest.raises(pheap.LockTimeoutError):
             with writer.lock(timeout=0.2):  # a reader excludes writers

@@ -59,7 +59,7 @@ def build(path: str, seed: int) -> dict:
                 live.append(off)
         with h.transaction():
             h.write(live[0], b"tx")
-        h.root = live[0]
+        h.root_offset = live[0]
         blocks = list(h.walk())
         info = h.info()
     return {"blocks": blocks, "brk": info["brk"], "capacity": info["capacity"]}

@@ -54,7 +54,7 @@ def worker(path: str, seed: int, first_tx: int, wfd: int) -> None:
     rng = random.Random(seed)
     out = os.fdopen(wfd, "wb", buffering=0)
     h = pheap.open(path, "w")  # recovers the previous crash, if any
-    table = h.root
+    table = h.root_offset
     tx = first_tx
     while True:
         tx += 1
@@ -114,7 +114,7 @@ def verify(path: str, model: dict[int, tuple[int, int]],
     """Check the heap against the model; return the model with the doubtful tx resolved."""
     with pheap.open(path, "w") as h:  # runs recovery
         h.check()
-        table = h.root
+        table = h.root_offset
         actual = {}
         offsets = {}
         for slot in range(SLOTS):
@@ -157,7 +157,7 @@ def run(kills: int, seed: int, max_delay: float, quiet: bool = False) -> int:
     tmp = tempfile.mkdtemp(prefix="pheap-torture-")
     path = os.path.join(tmp, "torture.heap")
     with pheap.open(path, "n") as h:
-        h.root = h.calloc(SLOTS, 8)
+        h.root_offset = h.calloc(SLOTS, 8)
     model: dict[int, tuple[int, int]] = {}
     committed = in_doubt = present = recoveries = 0
     last_tx = 0
