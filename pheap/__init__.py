@@ -34,7 +34,7 @@ from .errors import (
     TransactionStateError,
     TransactionTooLargeError,
 )
-from .heap import DEFAULT_SIZE, Heap, Session, anonymous, memfd, open
+from .heap import DEFAULT_SIZE, Heap, Session, anonymous, memfd, open, snapshot
 
 __version__ = "0.2.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "Heap",
     "Session",
     "open",
+    "snapshot",
     "anonymous",
     "memfd",
     "DEFAULT_SIZE",

@@ -65,7 +65,7 @@ _J_STATE: Final = F.J_STATE
 _cores: dict[tuple[int, int], Core] = {}  # one core per heap file/memfd in this process
 _cores_lock = threading.Lock()
 
-__all__ = ["Heap", "Session", "Core", "open", "anonymous", "memfd", "DEFAULT_SIZE"]
+__all__ = ["Heap", "Session", "Core", "open", "snapshot", "anonymous", "memfd", "DEFAULT_SIZE"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +114,16 @@ class Core(Allocator):
         self.lock.on_release = self._on_release
         self.lock.on_fork_child = self._after_fork_in_child
         self._validated = False
+        self._old_regions: list[Region] = []
         # Recovers at once if a process died inside an operation; validates the header fields.
-        self.acquire()
-        self.lock.release()
+        try:
+            self.acquire()
+            self.lock.release()
+        except BaseException:
+            self.lock.close()
+            if self._lock_fd_source >= 0:
+                os.close(self._lock_fd_source)
+            raise
 
     # -- lock and recovery -------------------------------------------------------------------
 
@@ -225,6 +232,31 @@ class Core(Allocator):
         w[F.H_RECOVERIES] += 1
         w[F.H_OWNER_STATE] = F.STATE_IDLE
         w[F.H_OWNER_PID] = 0
+
+    def upgrade(self, fd: int) -> None:
+        """A read-write open of a heap this process has open read-only: map it read-write
+        through ``fd`` (which the core takes over), so that all its handles keep sharing one
+        lock. The read-only handles stay read-only. Refused while the lock is held here."""
+        lk = self.lock
+        if lk.depth:
+            os.close(fd)
+            raise TransactionStateError("cannot open the heap read-write while a read-only "
+                                        "handle of it holds its lock in this process")
+        old = self.region
+        try:
+            new = Region.open_file(old.path or "", self._cap, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._old_regions.append(old)  # views of the read-only mapping stay valid
+        self.region = self._r = self._j._region = new
+        self._adopt()
+        self._guard_fd = new.fd
+        self.readonly = False
+        lk.shared = False
+        self._validated = False
+        self.acquire()  # recover if needed, as a read-write opener does
+        lk.release()
 
     # -- the operation path ------------------------------------------------------------------
 
@@ -381,6 +413,8 @@ class Core(Allocator):
         try:
             self.lock.close()
             self.region.close()
+            for r in self._old_regions:
+                r.close()
             if self._lock_fd_source >= 0:
                 os.close(self._lock_fd_source)
         except Exception:
@@ -666,10 +700,7 @@ def _open_regular(path: str, readonly: bool) -> int:
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, not a heap file") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{path}: not a regular file (a FIFO, device or socket), so not a "
-                              "heap")
+        _must_be_regular(path, os.fstat(fd))
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -677,16 +708,28 @@ def _open_regular(path: str, readonly: bool) -> int:
     return fd
 
 
+def _must_be_regular(path: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise FormatError(f"{path}: is a directory, not a heap file")
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{path}: not a regular file (a FIFO, device or socket), so not a "
+                          "heap")
+
+
 def _replace(path: str, tmp: str) -> None:
     """Put the new heap ``tmp`` in place of ``path``, refusing while ``path`` is attached."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except PermissionError:  # not ours to write: it can still be replaced, if not in use
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         os.replace(tmp, path)
         return
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, not a heap file") from None
     try:
+        _must_be_regular(path, os.fstat(fd))  # 'n' replaces heaps and files, not devices
         try_exclusive(fd, path)  # held until fd closes: openers of the old file wait, then see
         os.replace(tmp, path)    # it was replaced
     finally:
@@ -741,8 +784,13 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
             key = (st.st_dev, st.st_ino)
             with _cores_lock:
                 core = _cores.get(key)
-                if core is not None and not core.closed and (readonly or not core.readonly):
-                    os.close(fd)
+                if core is not None and not core.closed:
+                    if lock_timeout is not None:
+                        core.lock_timeout = lock_timeout
+                    if core.readonly and not readonly:
+                        core.upgrade(fd)  # one core, one lock per heap in a process
+                    else:
+                        os.close(fd)
                     fd = -1
                     return Heap(core, readonly, lock_timeout)
             _, cap = F.read_header(fd, path)
@@ -768,6 +816,40 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
             return Heap(core, readonly, lock_timeout)
         core.close()  # replaced (flag 'n' elsewhere) between our open and our attach: again
     raise FormatError(f"{path}: replaced again and again while opening it")
+
+
+def snapshot(path: str | os.PathLike[str]) -> Heap:
+    """A read-only handle on a private copy of the heap file at ``path``, taken without the
+    lock: for inspecting a heap that another process holds (``pheap info --snapshot``).
+
+    Never waits. The copy is as the file was while it was read: if a process was inside an
+    operation then, the copy's journal rolls that operation back, as the next opener of the
+    real file would; a process changing the heap *while* it is copied can leave a copy whose
+    parts disagree, which ``check()`` then reports. O(file size).
+    """
+    path = os.path.abspath(os.fspath(path))
+    fd = _open_regular(path, True)
+    try:
+        head, cap = F.read_header(fd, path)
+        size = os.fstat(fd).st_size & ~(F.PAGE - 1)
+        region = Region.new_anonymous(max(size, cap))
+        pos = 0
+        while pos < region.size:
+            chunk = os.pread(fd, min(1 << 24, region.size - pos), pos)
+            if not chunk:
+                break
+            region.mm[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+    finally:
+        os.close(fd)
+    if region.size != cap:  # a copy of a longer file (an undone growth): map the capacity
+        small = Region.new_anonymous(cap)
+        small.mm[:] = region.mm[:cap]
+        region.close()
+        region = small
+    region.path = path
+    core = Core(region)  # recovers the copy if the file was caught inside an operation
+    return Heap(core, True, None)
 
 
 def anonymous(size: int = DEFAULT_SIZE) -> Heap:

@@ -91,7 +91,14 @@ def try_exclusive(fd: int, what: str) -> None:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             raise HeapInUseError(f"{what}: the heap is open in another handle or process; "
                                  "close it there before replacing it with flag 'n'") from None
-        raise
+        if e.errno != errno.EBADF:
+            raise
+        # Open read-only (the file is not ours to write): ask whether anyone holds it instead.
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK,
+                                                             os.SEEK_SET, 0, 1, 0))
+        if struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK:
+            raise HeapInUseError(f"{what}: the heap is open in another handle or process; "
+                                 "close it there before replacing it with flag 'n'") from None
 
 
 class HeapLock:

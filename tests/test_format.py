@@ -146,9 +146,9 @@ class TestSearchClass:
         # request of exactly its class bound (checked through a real heap below the 1 MiB line).
         h = pheap.anonymous(4 << 20)
         try:
-            for s in (256, 264, 296, 512, 528, 4096, 4224, 65536, 69632):
+            for s in (512, 528, 4096, 4224, 65536, 69632):
                 a = h.malloc(s - 8)
-                guard = h.malloc(8)
+                guard = h.malloc(600)
                 h.free(a)
                 assert h.malloc(s - 8) == a, s  # the free block of exactly s is reused
                 h.free(a)
@@ -203,11 +203,12 @@ class TestBitmap:
     def test_min_capacity(self):
         m = F.min_capacity()
         assert m % F.PAGE == 0
-        assert F.bitmap_off(m) - F.BLOCKS_OFF >= F.PAGE
-        h = pheap.anonymous(0)  # the smallest heap there is
+        assert F.meta_off(m) - F.BLOCKS_OFF >= 2 * F.PAGE
+        h = pheap.anonymous(0)  # the smallest heap there is: room for a run and a block
         try:
             assert h.capacity == m
             h.free(h.malloc(100))
+            h.free(h.malloc(1000))
             h.check()
         finally:
             h.close()
@@ -237,7 +238,7 @@ class TestHeaderCrc:
     def test_real_heap_header(self):
         h = pheap.anonymous(0)
         try:
-            mm = h._region.mm
+            mm = h._core.region.mm
             (crc,) = struct.unpack_from("<Q", mm, F.H_CRC * 8)
             assert crc == F.header_crc(mm) and crc <= 0xFFFFFFFF
         finally:
@@ -255,10 +256,23 @@ class TestBlockWords:
 
     def test_flag_bits(self):
         bits = [F.FREE, F.PREV_FREE, F.RELEASED]
-        assert sorted(bits) == [1, 2, 4]
+        assert sorted(bits) == [1, 2, 4] and F.RUN == F.RELEASED  # bit 2: by FREE's value
         assert F.FREE | F.PREV_FREE | F.RELEASED == F.FLAG_MASK
         assert F.SIZE_MASK & F.FLAG_MASK == 0
-        assert (F.SIZE_MASK | F.FLAG_MASK) & 0xFFFFFFFFFFFFFFFF == 0xFFFFFFFFFFFFFFFF
+        classes = 0xFF << F.CLASS_SHIFT
+        assert F.SIZE_MASK & classes == 0
+        assert F.SIZE_MASK | F.FLAG_MASK | classes == (1 << 56) - 1
+
+    def test_run_words(self):
+        for c in range(F.CLASS_COUNT):
+            hdr = F.run_header(c)
+            assert F.is_run(hdr) and not F.is_free(hdr) and F.run_class(hdr) == c
+            assert F.block_size(hdr) == F.CLASS_PAGES[c] * F.PAGE
+            assert not F.is_run(hdr | F.FREE)  # a free block's bit 2 means RELEASED
+            for i in range(F.CLASS_PAGES[c]):
+                v = F.page_map_byte(c, i)
+                assert 0 < v < 256 and (v & F.PM_CLASS) - 1 == c and v >> F.PM_SHIFT == i
+        assert not F.is_run(4096)
 
     def test_round_up(self):
         for m in (8, 4096, 1 << 16):
@@ -272,12 +286,15 @@ class TestBlockWords:
 # ---------------------------------------------------------------------------------------------
 
 HEADER_ROW = re.compile(r"^(\d+)\s+(\d+)\s+([a-z_]+)\s", re.M)
-FLAG_ROW = re.compile(r"^(\d+)\s+([A-Z_]+)\s", re.M)
+FLAG_ROW = re.compile(r"^(\d+)\s+([A-Z_/]+)\s", re.M)
 CONSTANT_FOR = {"created_ns": "H_CREATED"}
+NO_CONSTANT = {"reserved"}  # rows that name no field yet
 
 
 def header_table() -> list[tuple[int, int, str]]:
-    rows = [(int(o), int(s), f) for o, s, f in HEADER_ROW.findall(F.__doc__ or "")]
+    doc = F.__doc__ or ""
+    doc = doc[:doc.index("**The journal**")]  # the header table comes first
+    rows = [(int(o), int(s), f) for o, s, f in HEADER_ROW.findall(doc)]
     assert len(rows) >= 20, "the header table in pheap/format.py's docstring was not found"
     return rows
 
@@ -285,13 +302,15 @@ def header_table() -> list[tuple[int, int, str]]:
 class TestLayout:
     def test_table_matches_word_indexes(self):
         for off, size, field in header_table():
+            if field in NO_CONSTANT:
+                continue
             prefix = "" if field.startswith("j_") else "H_"
             name = CONSTANT_FOR.get(field, prefix + field.upper())
             assert hasattr(F, name), f"no constant {name} for header field {field!r}"
             assert getattr(F, name) * F.WORD == off, (field, off)
-            if field == "journal" or field == "j_entries":  # the rest of the header page
+            if field == "j_records":  # the rest of the header page
                 assert off + size == F.HEADER_SIZE and off >= F.JOURNAL_OFF
-            elif field == "uuid":
+            elif field in ("uuid", "secret"):
                 assert size == 16
             else:
                 assert size == F.WORD, field
@@ -308,21 +327,24 @@ class TestLayout:
         assert F.CRC_END == offs["crc"]
         assert all(offs[f] < F.CRC_END for f in ("magic", "version", "features", "byte_order",
                                                    "uuid", "ctl_off", "blocks_off", "fl_count",
-                                                   "sl_count"))
+                                                   "sl_count", "class_count", "page", "secret"))
         assert all(offs[f] > F.CRC_END for f in ("capacity", "brk", "generation", "root"))
 
     def test_flag_table_matches_constants(self):
         rows = FLAG_ROW.findall(F.__doc__ or "")
-        assert rows, "the flag table in pheap/format.py's docstring was not found"
-        for bit, name in rows:
-            assert getattr(F, name) == 1 << int(bit), name
+        assert len(rows) == 3, "the flag table in pheap/format.py's docstring was not found"
+        for bit, names in rows:
+            for name in names.split("/"):
+                assert getattr(F, name) == 1 << int(bit), name
 
     def test_control_block(self):
         assert F.C_FL_BITMAP * F.WORD == F.CTL_OFF
         assert F.C_SL_BITMAP == F.C_FL_BITMAP + 1
         assert F.C_HEADS == F.C_SL_BITMAP + F.FL_COUNT
         assert F.bin_index(0, 0) == F.C_HEADS
-        assert (F.bin_index(F.FL_COUNT - 1, F.SL_COUNT - 1) + 1) * F.WORD == F.CTL_END
+        assert F.bin_index(F.FL_COUNT - 1, F.SL_COUNT - 1) + 1 == F.C_CLASS_HEADS
+        assert F.C_CLASS_CACHE == F.C_CLASS_HEADS + F.CLASS_COUNT
+        assert (F.C_CLASS_CACHE + F.CLASS_COUNT) * F.WORD == F.CTL_END
         assert F.HEADER_SIZE <= F.CTL_OFF < F.CTL_END <= F.BLOCKS_OFF
         idx = {F.bin_index(fl, sl) for fl in range(F.FL_COUNT) for sl in range(F.SL_COUNT)}
         assert len(idx) == F.FL_COUNT * F.SL_COUNT
@@ -332,11 +354,11 @@ class TestLayout:
         assert F.SL_COUNT == 1 << F.SL_LOG2
         assert F.SMALL_LIMIT == F.SL_COUNT * F.ALIGN
         assert F.MIN_BLOCK == 4 * F.WORD
-        assert F.BLOCKS_OFF % F.PAGE == 0 and F.HEADER_SIZE == F.PAGE
+        assert (F.BLOCKS_OFF + F.WORD) % F.PAGE == 0 and F.HEADER_SIZE == F.PAGE
         assert struct.pack("<Q", F.BYTE_ORDER_MARK) == bytes(range(1, 9))
         assert F.MAX_BLOCK % F.PAGE == 0
-        assert F.FEATURES_KNOWN == 0 and F.FORMAT_VERSION == 1
-        assert F.STATE_IDLE != F.STATE_IN_OP
+        assert F.FEATURES_KNOWN == 0 and F.FORMAT_VERSION == 2
+        assert F.STATE_IDLE != F.STATE_REBUILD
         assert F.H_RECOVERIES * F.WORD < F.JOURNAL_OFF
         assert F.JOURNAL_OFF + F.JOURNAL_SIZE == F.HEADER_SIZE
 
@@ -351,3 +373,68 @@ def test_size_class_accepts_any_size_in_range(s):
 @pytest.mark.parametrize("s", [F.MIN_BLOCK, 248, 256, 4096, 1 << 30])
 def test_search_not_below_size(s):
     assert linear(F.search_class(s)) >= linear(F.size_class(s))
+
+
+class TestRunGeometry:
+    def test_tables_agree(self):
+        n = F.CLASS_COUNT
+        assert len(F.CLASS_PAGES) == len(F.CLASS_WORDS) == len(F.CLASS_FIRST) == \
+            len(F.CLASS_SLOTS) == len(F.CLASS_MASKS) == n
+        for c in range(n):
+            m = F.CLASS_WORDS[c]
+            assert F.CLASS_FIRST[c] == 3 * m * F.WORD  # bits, next and prev words
+            assert 64 * (m - 1) < F.CLASS_SLOTS[c] <= 64 * m
+            assert sum(bin(x).count("1") for x in F.CLASS_MASKS[c]) == F.CLASS_SLOTS[c]
+            assert 1 <= F.CLASS_PAGES[c] <= F.MAX_RUN_PAGES
+            # the slots end before the last word of the run: the next block's header is there
+            end = F.CLASS_FIRST[c] + F.CLASS_SLOTS[c] * F.CLASS_SIZE[c]
+            assert end <= F.CLASS_PAGES[c] * F.PAGE - F.WORD
+
+    def test_class_of(self):
+        assert len(F.CLASS_OF) == F.RUN_LIMIT + 1
+        assert F.CLASS_OF[0] == F.CLASS_OF[1] == F.CLASS_OF[8] == 0
+        assert F.CLASS_SIZE[F.CLASS_OF[9]] == 16
+        assert F.CLASS_SIZE[F.CLASS_OF[F.RUN_LIMIT]] == F.RUN_LIMIT
+
+
+class TestHeader:
+    def test_new_header_validates(self):
+        cap = 1 << 20
+        head = F.new_header(cap, 0)
+        assert len(head) == F.HEADER_SIZE
+        assert F.validate_header(head, cap) == cap
+        w = struct.unpack_from(f"<{F.J_STATE + 1}Q", head)
+        F.validate_fields(w, cap)
+
+    def test_two_headers_differ_in_uuid_and_secret(self):
+        a, b = F.new_header(1 << 20, 0), F.new_header(1 << 20, 0)
+        for field in (F.H_UUID, F.H_SECRET):
+            assert a[field * 8:field * 8 + 16] != b[field * 8:field * 8 + 16]
+
+    @pytest.mark.parametrize("field,value,match", [
+        (F.H_BRK, F.BLOCKS_OFF - 8, "brk"), (F.H_BRK, F.BLOCKS_OFF + 4, "brk"),
+        (F.H_PEAK_BRK, 8, "peak_brk"), (F.H_ZERO_FROM, 0, "zero_from"),
+        (F.H_HOLE_FROM, 1 << 30, "hole_from"), (F.H_GENERATION, 0, "generation"),
+        (F.H_MAX_SIZE, 4096, "max_size"), (F.H_ROOT, 12345, "root"),
+        (F.H_OBJECTS, 1 << 40, "objects"), (F.H_TXLOG, 8, "txlog"), (F.J_STATE, 7, "j_state"),
+    ])
+    def test_validate_fields_names_the_field(self, field, value, match):
+        cap = 1 << 20
+        head = bytearray(F.new_header(cap, 0))
+        struct.pack_into("<Q", head, field * 8, value)
+        w = struct.unpack_from(f"<{F.J_STATE + 1}Q", head)
+        with pytest.raises(pheap.CorruptHeapError, match=match) as ei:
+            F.validate_fields(w, cap)
+        assert f"offset {field * 8}" in str(ei.value)
+
+    def test_capacity_is_checked_against_the_file(self):
+        head = F.new_header(1 << 20, 0)
+        with pytest.raises(pheap.CorruptHeapError, match="truncated"):
+            F.validate_header(head, (1 << 20) - F.PAGE)
+
+    def test_version_1_is_refused_with_a_clear_message(self):
+        head = bytearray(F.new_header(1 << 20, 0))
+        struct.pack_into("<Q", head, F.H_VERSION * 8, 1)
+        struct.pack_into("<Q", head, F.H_CRC * 8, F.header_crc(head))
+        with pytest.raises(pheap.FormatError, match="version 1.*pheap 0.1"):
+            F.validate_header(bytes(head), 1 << 20)

@@ -79,12 +79,12 @@ def test_reentrant_and_release_rules(tmp_path):
     with h.lock():
         with h.lock():
             a = h.malloc(10)
-            assert h._lock.depth == 2
-        assert h._lock.depth == 1
+            assert h._core.lock.depth == 2
+        assert h._core.lock.depth == 1
         h.free(a)
-    assert h._lock.depth == 0
+    assert h._core.lock.depth == 0
     with pytest.raises(RuntimeError):
-        h._lock.release()
+        h._core.lock.release()
     h.close()
 
 
@@ -139,7 +139,7 @@ def test_sigkilled_holder_does_not_block_others(kind, tmp_path):
         a = h.malloc(64)
     info = h.info()
     assert info["recoveries"] == 1  # it died inside the lock; the next holder recovered
-    assert h._a._w[F.H_OWNER_STATE] == F.STATE_IDLE
+    assert h._core._w[F.H_OWNER_STATE] == F.STATE_IDLE
     h.free(a)
     for off in keep:
         h.free(off)
@@ -152,19 +152,78 @@ def test_read_only_handles_share_and_never_write(tmp_path):
     path = str(tmp_path / "ro.heap")
     with pheap.open(path, "n") as h:
         h.root_offset = h.malloc(8)
-    writer = pheap.open(path, "w")  # opening read-write takes the lock once (recovery check)
     before = open(path, "rb").read()
     r1 = pheap.open(path, "r")
-    r2 = pheap.open(path, "r")
+    r, w = os.pipe()
+
+    def other_reader():
+        with pheap.open(path, "r") as r2:
+            with r2.lock(timeout=1.0):  # shared: readers do not exclude each other
+                ok = r2.read(r2.root_offset, 8) == bytes(8)
+        os.write(w, b"r" if ok else b"?")
+
+    def writer():
+        try:  # opening read-write takes the lock at once (to recover): it times out there
+            pheap.open(path, "w", lock_timeout=0.2)
+        except pheap.LockTimeoutError:
+            os._exit(9)
+
     with r1.lock():
-        with r2.lock(timeout=1.0):  # shared: readers do not exclude each other
-            assert r2.read(r2.root_offset, 8) == bytes(8)
-    with r1.lock():
-        with pytest.raises(pheap.LockTimeoutError):
-            with writer.lock(timeout=0.2):  # a reader excludes writers
-                pass
+        assert reap(_fork(other_reader)) == 0
+        assert os.read(r, 1) == b"r"
+        pid = _fork(writer)
+        code = reap(pid)
+        assert code == 9, code  # the child reports the LockTimeoutError it got
     r1.close()
-    r2.close()
-    writer.close()
+    os.close(r)
+    os.close(w)
     # Neither the readers' locking nor the writer's failed attempt wrote a byte.
     assert open(path, "rb").read() == before
+
+
+def test_two_handles_of_one_heap_in_one_process_share_the_lock(tmp_path):
+    """A second open of the same file, a pickle round trip and copy.copy all make handles on
+    the same heap in this process: they share one lock (and journal), so they re-enter instead
+    of deadlocking each other."""
+    import copy
+    import pickle
+
+    path = str(tmp_path / "two.heap")
+    a = pheap.open(path, "n")
+    b = pheap.open(path, "w")
+    c = pickle.loads(pickle.dumps(a))
+    d = copy.copy(a)
+    r = pheap.open(path, "r")
+    assert len({id(x._core) for x in (a, b, c, d, r)}) == 1
+    with a.lock(timeout=2):
+        p = b.malloc(8)
+        c.free(p)
+        q = d.malloc(1000)
+        with b.lock(timeout=2):
+            d.free(q)
+        assert r.read(a.malloc(8), 8) is not None
+    with a.transaction():
+        x = b.malloc(600)  # joins a's transaction
+        assert b.usable_size(x) >= 600
+    with pytest.raises(pheap.ReadOnlyError):
+        r.malloc(8)  # the read-only handle stays read-only on a shared read-write core
+    for h in (b, c, d, r):
+        h.close()
+    a.malloc(8)  # the others closing leaves a open
+    a.check()
+    a.close()
+    assert a.closed and b.closed
+
+
+def test_read_only_first_then_read_write_in_one_process(tmp_path):
+    path = str(tmp_path / "rw.heap")
+    with pheap.open(path, "n") as h:
+        h.root_offset = h.malloc(8)
+    r = pheap.open(path, "r")
+    w = pheap.open(path, "w")  # a read-write core beside the read-only one
+    with r.lock(timeout=2):
+        with w.lock(timeout=2):  # one lock for both: no self-deadlock
+            w.write(w.root_offset, b"12345678")
+        assert r.read(r.root_offset, 8) == b"12345678"
+    r.close()
+    w.close()
