@@ -95,8 +95,8 @@ _ZEROS: Final = bytes(1 << 20)  #: source for memset-by-slice (1 MiB at a time)
 
 #: Methods that write the mapping without the journal's ``st``, and why that is safe.
 UNJOURNALED: Final = {
-    "malloc": "fast path: one aligned word store, atomic by itself; the rest goes through _op",
-    "free": "fast path: one aligned word store, atomic by itself; the rest goes through _op",
+    "malloc": "fast path: one aligned word store, atomic by itself; the rest goes through _bracket",
+    "free": "fast path: one aligned word store, atomic by itself; the rest goes through _bracket",
     "_grow": "copies and zeroes the new metadata past the old capacity, which nothing live "
              "refers to until the journaled capacity store commits the growth",
     "release_pending": "after commit: sets RELEASED before the pages go (a crash between only "
@@ -108,6 +108,7 @@ UNJOURNALED: Final = {
     "_copy": "realloc's copy into a block allocated in the same operation, guarded the same way",
     "rebuild": "rewrites only the index (bins, lists, page map, allocation bitmap) from the "
                "tags; the caller marks the header so that a crash half way rebuilds again",
+    "_raw_insert": "rebuild's insert into a bin, under rebuild's marker",
     "format_region": "a new heap that no process has opened yet",
 }
 
@@ -128,6 +129,7 @@ _PM_SHIFT: Final = F.PM_SHIFT
 _ATOMIC: Final = journal.ATOMIC
 _H_ROOT: Final = F.H_ROOT
 _H_OBJECTS: Final = F.H_OBJECTS
+_J_STATE: Final = F.J_STATE
 assert set(F.ENTRIES.values()) == {_H_ROOT, _H_OBJECTS}  # the free fast path checks these two
 
 
@@ -238,19 +240,35 @@ class Allocator:
         releases it queued happen after the commit (they cannot be undone). This is the one
         begin/commit/rollback bracket of the allocator."""
         j = self._j
+        if not j.mode and self._w[_J_STATE]:
+            self.finish_undo()  # an earlier rollback was cut off (Ctrl-C): finish it first
         t = j.begin()
         try:
             r = fn(*args)
         except BaseException:
+            # While the undo runs, no fast path may store a word it is about to restore; if
+            # the undo itself is interrupted, the fast paths stay off until the next acquisition
+            # and the next operation finishes it (j_state in the mapping says it is pending).
+            fast = self.fast
+            self.fast = 0
             j.rollback(t)
             if t == journal.OUTERMOST:
                 self.pending.clear()
             self.after_undo()
+            self.fast = fast
             raise
         j.commit(t)
         if self.pending and not j.mode:
             self.release_pending()
         return r
+
+    def finish_undo(self) -> None:
+        """Undo what the journal says is pending (a rollback an exception cut short)."""
+        self.fast = 0
+        journal.undo(self._w, len(self._w))
+        self.pending.clear()
+        self._j.reset()
+        self.after_undo()
 
     def _locked(self, method: Callable[..., object], fn: Callable[..., object],
                 *args: object) -> object:
@@ -343,6 +361,14 @@ class Allocator:
             raise InvalidPointerError(f"invalid offset {p}: it is a run of small slots, which "
                                       "belongs to the allocator")
         return b
+
+    def is_block(self, p: int) -> bool:
+        """Whether ``p`` is the payload offset of a live block (not a run or slot). O(1)."""
+        try:
+            self._block_of(p)
+        except InvalidPointerError:
+            return False
+        return True
 
     def live_size(self, p: object) -> int:
         """Usable bytes of the live block or slot at ``p``; InvalidPointerError otherwise (the

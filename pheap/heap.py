@@ -55,6 +55,22 @@ TX_LOG_SIZE: Final = 256 * 1024  #: undo log a transaction starts with, bytes (g
 FILE_MODE: Final = 0o600  #: permissions of new heap files: owner only
 
 _get_ident = threading.get_ident
+
+#: Functions of this module that write the mapping without the journal, and why that is safe
+#: (tests/test_allocator.py checks this list against the source, as for pheap.allocator).
+UNJOURNALED: Final = {
+    "_on_acquire": "the owner word, written while the lock is held and before any operation",
+    "_on_release": "the owner word, cleared unless work is pending (then the next holder "
+                   "recovers)",
+    "_recover": "recovery itself: undo restores logged values, counters are statistics",
+    "do_rebuild": "the rebuild marker around an unjournaled rebuild (pheap.allocator)",
+    "write": "data bytes: logged first inside a bracket (Journal.log_range), and outside one a "
+             "write is not atomic, as documented",
+    "set_u64": "one aligned word: atomic by itself outside a bracket; inside, journaled unless "
+               "the slot is fresh (allocated in the bracket, no undo needs its bytes)",
+    "snapshot": "a private anonymous copy no other process maps",
+    "_repair": "repair after a rebuild: clears dangling entries, raises zero_from",
+}
 _SEEK_END: Final = os.SEEK_END
 _H_GENERATION: Final = F.H_GENERATION
 _H_OWNER_PID: Final = F.H_OWNER_PID
@@ -276,9 +292,27 @@ class Core(Allocator):
                 self.lock.release()
         return self.lock.call(method, *args)
 
-    def locked(self, timeout: float | None = None) -> _Held:
-        """``with core.locked():`` holds the lock (re-entrant)."""
-        return _Held(self, timeout)
+    def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` with the lock held (re-entrant): the path of every Heap call. Written
+        without a with-statement: an interrupt can land at the entry of a context manager's
+        ``__exit__``, before it releases anything; :meth:`HeapLock.call` has no such gap."""
+        if self.closed:
+            raise HeapClosedError("the heap is closed")
+        if self.lock_timeout is None:
+            return self.lock.call(fn, *args)
+        lk = self.lock
+        me = _get_ident()
+        depth = lk.depth if lk.owner == me else 0
+        try:
+            self.acquire()
+            return fn(*args)
+        finally:
+            if lk.owner == me and lk.depth > depth:
+                lk.release()
+
+    def entry(self, name: str) -> int:
+        """The offset header entry ``name`` holds (0: none). The caller holds the lock."""
+        return int(self._w[F.ENTRIES[name]])
 
     # -- brackets ------------------------------------------------------------------------------
 
@@ -288,6 +322,8 @@ class Core(Allocator):
         if self.readonly:
             raise ReadOnlyError("atomic()/transaction() on a heap opened read-only")
         j = self._j
+        if not j.mode and self._w[_J_STATE]:
+            self.finish_undo()  # an earlier rollback was cut off (Ctrl-C): finish it first
         if j.mode >= J.ATOMIC:
             if mode == J.TX and j.mode == J.ATOMIC:
                 raise TransactionStateError("transaction() inside atomic(): an atomic bracket "
@@ -419,21 +455,6 @@ class Core(Allocator):
                 os.close(self._lock_fd_source)
         except Exception:
             pass
-
-
-class _Held:
-    __slots__ = ("_core", "_timeout")
-
-    def __init__(self, core: Core, timeout: float | None) -> None:
-        self._core = core
-        self._timeout = timeout
-
-    def __enter__(self) -> Core:
-        self._core.acquire(self._timeout)
-        return self._core
-
-    def __exit__(self, *exc: object) -> None:
-        self._core.lock.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,8 +623,65 @@ class Session:
         self._c.set_entry(name, off)
 
 
+class _Hold:
+    """What one entered with-block of :class:`_SessionContext` holds, and how to let go of it.
+
+    Every field is set before the first thing is taken, and :meth:`cleanup` derives what to undo
+    from the state itself -- the lock depth this thread had before, whether a bracket was open
+    before -- so it is idempotent and right wherever an exception raised by a signal handler
+    (Ctrl-C) cut the entry or the exit short. Holds are pooled: a with-block that exits normally
+    puts its hold back, so ``__del__`` runs only for a hold whose with-block never ran its exit
+    -- the one gap no Python code can close, an interrupt at the very first instruction of
+    ``__exit__``. The context then drops the hold, and (once the exception that interrupted it
+    is gone) the bracket is rolled back and the lock released here.
+    """
+
+    __slots__ = ("core", "session", "tid", "depth0", "mode0", "mode", "durable", "live")
+
+    def cleanup(self, commit: bool, ev: object) -> None:
+        """Close what the with-block opened and release what it took; safe to run again."""
+        if not self.live:
+            return
+        core = self.core
+        if self.session is not None:
+            self.session.open = False
+        lk = core.lock
+        me = self.tid
+        try:
+            if self.mode and not self.mode0 and core._j.mode:  # the bracket is this block's
+                if core.closed:
+                    raise HeapClosedError("the heap was closed inside a transaction: it was not "
+                                          "committed, and the next process to open the heap "
+                                          "undoes it")
+                if lk.owner == me:
+                    try:
+                        core.close_bracket(commit, self.durable)
+                    finally:
+                        if isinstance(ev, TransactionTooLargeError):
+                            core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE)
+        finally:
+            while lk.owner == me and lk.depth > self.depth0:
+                lk.release()
+            self.live = False
+
+    def __del__(self) -> None:
+        if getattr(self, "live", False):  # (an interrupt may have cut its setting-up short)
+            try:
+                self.cleanup(False, None)
+            except Exception:
+                pass
+
+
+_holds: list[_Hold] = []  # the pool
+_HOLDS_KEPT: Final = 64  #: holds the pool keeps for reuse
+
+
 class _SessionContext:
-    __slots__ = ("_heap", "_mode", "_timeout", "_log_size", "_durable", "_opened", "_session")
+    """The with-statement of ``heap.lock()``, ``heap.atomic()`` and ``heap.transaction()``:
+    entering takes the lock and (for a bracket) opens it, leaving closes and releases (see
+    :class:`_Hold` for what happens when Ctrl-C cuts either short)."""
+
+    __slots__ = ("_heap", "_mode", "_timeout", "_log_size", "_durable", "_hold")
 
     def __init__(self, heap: Heap, mode: int, timeout: float | None, log_size: int = 0,
                  durable: bool = False) -> None:
@@ -612,43 +690,43 @@ class _SessionContext:
         self._timeout = timeout
         self._log_size = log_size
         self._durable = durable
-        self._opened = False
-        self._session: Session | None = None
+        self._hold: _Hold | None = None
 
     def __enter__(self) -> Session:
         h = self._heap
         core = h._live_core()
         if self._mode and h.readonly:
             raise ReadOnlyError("atomic()/transaction() on a heap opened read-only (flag 'r')")
-        core.acquire(self._timeout)
+        if self._hold is not None:
+            raise TransactionStateError("a heap.lock()/atomic()/transaction() context is not "
+                                        "re-entrant: make a new one for each with-statement")
+        lk = core.lock
+        me = _get_ident()
+        g = _holds.pop() if _holds else _Hold()
+        g.core, g.session, g.tid, g.mode, g.durable = core, None, me, self._mode, self._durable
+        g.depth0 = lk.depth if lk.owner == me else 0
+        g.mode0 = core._j.mode
+        g.live = True
+        self._hold = g
         try:
+            core.acquire(self._timeout)
             if self._mode:
-                self._opened = core.open_bracket(self._mode, self._log_size)
-            self._session = Session(h, self._mode == J.TX)
+                core.open_bracket(self._mode, self._log_size)
+            g.session = Session(h, self._mode == J.TX)
         except BaseException:
-            core.lock.release()
+            g.cleanup(False, None)
             raise
-        return self._session
+        return g.session
 
     def __exit__(self, et: object, ev: object, tb: object) -> None:
-        core = self._heap._core
-        if self._session is not None:
-            self._session.open = False
-        try:
-            if self._opened:
-                self._opened = False
-                if core.closed:
-                    raise HeapClosedError("the heap was closed inside a transaction: it was not "
-                                          "committed, and the next process to open the heap "
-                                          "undoes it")
-                try:
-                    core.close_bracket(et is None, self._durable)
-                finally:
-                    if isinstance(ev, TransactionTooLargeError):
-                        core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE)
-        finally:
-            if not core.closed or core.lock.held():
-                core.lock.release()
+        g = self._hold
+        if g is None:
+            return
+        g.cleanup(et is None, ev)
+        self._hold = None
+        g.core = g.session = None  # type: ignore[assignment]
+        if len(_holds) < _HOLDS_KEPT:
+            _holds.append(g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1054,8 +1132,7 @@ class Heap:
     def usable_size(self, off: int) -> int:
         """Payload bytes of the live block or slot at ``off``. O(1)."""
         c = self._live_core()
-        with c.locked():
-            return c.live_size(off)
+        return c.run(c.live_size, off)
 
     # -- data access -------------------------------------------------------------------------
 
@@ -1074,8 +1151,7 @@ class Heap:
         pheap.errors.InvalidPointerError: range [..., ...) runs past the end of the 24-byte slot at ...
         """
         c = self._live_core()
-        with c.locked():
-            return c.read(off, n)
+        return c.run(c.read, off, n)
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the heap at ``off``, inside one live block or slot; a range
@@ -1086,8 +1162,7 @@ class Heap:
         it (use a transaction when that matters).
         """
         c = self._mutable_core("write")
-        with c.locked():
-            c.write(off, data)
+        c.run(c.write, off, data)
 
     def view(self, off: int, n: int) -> memoryview:
         """A memoryview of ``n`` bytes at ``off`` inside one live block (read-only for 'r'
@@ -1101,8 +1176,7 @@ class Heap:
         view kills the process with SIGBUS (a memfd heap is sealed against this).
         """
         c = self._live_core()
-        with c.locked():
-            return c.view(off, n, not self.readonly)
+        return c.run(c.view, off, n, not self.readonly)
 
     # -- entries -------------------------------------------------------------------------------
 
@@ -1111,8 +1185,7 @@ class Heap:
         """Offset of the raw root block (header entry ``root``; 0 when unset); persistent.
         Setting it takes the lock; it must name a live block or slot (or be 0)."""
         c = self._live_core()
-        with c.locked():
-            return int(c._w[F.H_ROOT])
+        return c.run(c.entry, "root")
 
     @root_offset.setter
     def root_offset(self, off: int) -> None:
@@ -1124,15 +1197,13 @@ class Heap:
         """Every block in address order (a snapshot taken under the lock); with ``slots``, the
         slots of each run after it. O(blocks + slots)."""
         c = self._live_core()
-        with c.locked():
-            return iter(list(c.walk(slots)))
+        return iter(c.run(lambda: list(c.walk(slots))))
 
     def stats(self) -> HeapStats:
         """Used/free bytes, blocks, runs and slots, largest free block, fragmentation.
         O(blocks)."""
         c = self._live_core()
-        with c.locked():
-            return c.stats()
+        return c.run(c.stats)
 
     def check(self, progress: Any = None) -> None:
         """Verify every invariant; raise CorruptHeapError naming the offset and invariant.
@@ -1144,8 +1215,7 @@ class Heap:
         ``progress(fraction)`` is called now and then on large heaps.
         """
         c = self._live_core()
-        with c.locked():
-            c.check(progress)
+        c.run(c.check, progress)
 
     def repair(self) -> str:
         """Make a damaged heap whole where its boundary tags allow; return what was done.
@@ -1158,48 +1228,48 @@ class Heap:
         O(blocks). Back the file up first: ``pheap repair --backup`` does.
         """
         c = self._mutable_core("repair")
-        with c.locked():
-            try:
-                c.check()
-                return "sound: nothing to repair"
-            except CorruptHeapError as e:
-                first = str(e)
-            n = c.do_rebuild()
-            done = f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"
-            w = c._w
-            for name, i in [*F.ENTRIES.items(), ("txlog", F.H_TXLOG)]:
-                v = w[i]
-                if v and not c.is_live(v):
-                    w[i] = 0
-                    done += f"; the {name} entry pointed at {v}, not a live block: cleared"
-            zf = w[F.H_ZERO_FROM]
-            try:
-                c._check_zeros()
-            except CorruptHeapError:
-                w[F.H_ZERO_FROM] = c._meta
-                done += f"; bytes above zero_from {zf} were not zero: zero_from raised"
+        return c.run(self._repair, c)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _repair(c: Core) -> str:
+        try:
             c.check()
-            return done
+            return "sound: nothing to repair"
+        except CorruptHeapError as e:
+            first = str(e)
+        n = c.do_rebuild()
+        done = f"rebuilt the bins from the boundary tags ({n} free blocks) after: {first}"
+        w = c._w
+        for name, i in [*F.ENTRIES.items(), ("txlog", F.H_TXLOG)]:
+            v = w[i]
+            if v and not (c.is_live(v) if name != "txlog" else c.is_block(v)):
+                w[i] = 0
+                done += f"; the {name} entry pointed at {v}, not a live block: cleared"
+        zf = w[F.H_ZERO_FROM]
+        try:
+            c._check_zeros()
+        except CorruptHeapError:
+            w[F.H_ZERO_FROM] = c._meta
+            done += f"; bytes above zero_from {zf} were not zero: zero_from raised"
+        c.check()
+        return done
 
     def rebuild_bins(self) -> int:
         """Recreate the bins, class lists, page map and allocation bitmap from the boundary
         tags; return the free block count. O(blocks)."""
         c = self._mutable_core("rebuild_bins")
-        with c.locked():
-            return c.do_rebuild()
+        return c.run(c.do_rebuild)
 
     def trim(self) -> int:
         """Give the pages of the wilderness and of large free blocks back to the OS; return the
         bytes released. The file keeps its length; its disk blocks go. O(free blocks)."""
         c = self._mutable_core("trim")
-        with c.locked():
-            return c.trim()
+        return c.run(c.trim)
 
     def flush(self) -> None:
         """msync the mapping: data written so far survives an OS crash or power loss."""
         c = self._live_core()
-        with c.locked():
-            c.region.flush()
+        c.run(c.region.flush)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -1217,8 +1287,7 @@ class Heap:
     def capacity(self) -> int:
         """Bytes currently mapped (grows on demand)."""
         c = self._live_core()
-        with c.locked():
-            return c._cap
+        return c.run(lambda: c._cap)
 
     @property
     def closed(self) -> bool:
@@ -1243,27 +1312,29 @@ class Heap:
     def info(self) -> dict[str, Any]:
         """Header fields as a dict (what ``pheap info`` prints). O(1)."""
         c = self._live_core()
-        with c.locked():
-            w = c._w
-            mm = c.region.mm
-            return {
-                "path": self.path,
-                "kind": self.kind,
-                "format_version": int(w[F.H_VERSION]),
-                "uuid": bytes(mm[F.H_UUID * 8:F.H_UUID * 8 + 16]).hex(),
-                "created_ns": int(w[F.H_CREATED]),
-                "capacity": int(w[F.H_CAPACITY]),
-                "brk": int(w[F.H_BRK]),
-                "peak_brk": int(w[F.H_PEAK_BRK]),
-                "max_size": int(w[F.H_MAX_SIZE]),
-                "generation": int(w[F.H_GENERATION]),
-                "root": int(w[F.H_ROOT]),
-                "objects": int(w[F.H_OBJECTS]),
-                "recoveries": int(w[F.H_RECOVERIES]),
-                "journal_pending": bool(w[F.J_STATE]),
-                "durability": c.durability,
-                "readonly": self.readonly,
-            }
+        return c.run(self._info, c)  # type: ignore[no-any-return]
+
+    def _info(self, c: Core) -> dict[str, Any]:
+        w = c._w
+        mm = c.region.mm
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "format_version": int(w[F.H_VERSION]),
+            "uuid": bytes(mm[F.H_UUID * 8:F.H_UUID * 8 + 16]).hex(),
+            "created_ns": int(w[F.H_CREATED]),
+            "capacity": int(w[F.H_CAPACITY]),
+            "brk": int(w[F.H_BRK]),
+            "peak_brk": int(w[F.H_PEAK_BRK]),
+            "max_size": int(w[F.H_MAX_SIZE]),
+            "generation": int(w[F.H_GENERATION]),
+            "root": int(w[F.H_ROOT]),
+            "objects": int(w[F.H_OBJECTS]),
+            "recoveries": int(w[F.H_RECOVERIES]),
+            "journal_pending": bool(w[F.J_STATE]),
+            "durability": c.durability,
+            "readonly": self.readonly,
+        }
 
     # -- lifetime ------------------------------------------------------------------------------
 
