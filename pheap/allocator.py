@@ -1593,20 +1593,35 @@ class Allocator:
         return False
 
     def _check_page_map(self, runs: dict[int, int]) -> None:
-        want: dict[int, int] = {}
+        meta = self._meta
+        want: dict[int, int] = {}  # page number -> its page-map byte
         for base, c in runs.items():
             for i in range(F.CLASS_PAGES[c]):
                 want[(base >> 12) + i] = F.page_map_byte(c, i)
-        pm = bytes(self._b[self._meta:self._meta + F.page_map_bytes(self._cap)])
-        pages = self._cap // _PAGE
-        for i in range(len(pm)):
-            v = pm[i]
-            if v != want.get(i, 0):
-                if i >= pages and v:
-                    raise CorruptHeapError(f"offset {self._meta + i}: page-map byte {v} for a "
-                                           "page past the capacity")
-                raise CorruptHeapError(f"offset {self._meta + i}: page-map byte of page {i} is "
-                                       f"{v}, expected {want.get(i, 0)}")
+        hot = {p >> 12 for p in want}  # 4 KiB chunks of the page map that hold a run's bytes
+        mm = self._r.mm
+        end = meta + F.page_map_bytes(self._cap)
+        seen = 0
+        for lo, hi in self._r.data_ranges(meta, end):  # holes read as zeros
+            pos = meta + ((lo - meta) & -4096)
+            while pos < hi:
+                n = min(4096, end - pos)
+                chunk = mm[pos:pos + n]
+                if ((pos - meta) >> 12) in hot or chunk.count(0) != n:
+                    for k in range(n):
+                        page = pos - meta + k
+                        v = chunk[k]
+                        if v != want.get(page, 0):
+                            raise CorruptHeapError(f"offset {pos + k}: page-map byte of page "
+                                                   f"{page} is {v}, expected "
+                                                   f"{want.get(page, 0)}")
+                        if v:
+                            seen += 1
+                pos += 4096
+        if seen != len(want):
+            page = next(p for p in sorted(want) if mm[meta + p] != want[p])
+            raise CorruptHeapError(f"offset {meta + page}: page-map byte of page {page} is "
+                                   f"{mm[meta + page]}, expected {want[page]}")
 
     def _check_alloc_bitmap(self, used_blocks: set[int], runs: dict[int, int]) -> None:
         w = self._w

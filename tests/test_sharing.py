@@ -13,6 +13,8 @@ import pytest
 
 import pheap
 
+from conftest import reap
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
@@ -173,7 +175,7 @@ def test_growth_by_one_process_is_seen_without_reopening(kind, tmp_path):
         finally:
             os._exit(code)
     big = int.from_bytes(os.read(r, 8), "little")
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert reap(pid) == 0
     assert big + (4 << 20) > cap0  # beyond what this process has mapped
     assert h.read(big + (4 << 20) - 5, 5) == b"tail!"  # remapped on taking the lock
     assert h.capacity > cap0 and h.info()["generation"] > 1
@@ -188,10 +190,9 @@ def test_growth_by_one_process_is_seen_without_reopening(kind, tmp_path):
 # -- create-or-open races ------------------------------------------------------------------------
 
 RACER = """
-import os, sys, time, pheap
-path, tag, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-while time.time() < start:
-    pass
+import os, sys, pheap
+path, tag, gate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.read(gate, 1)  # every racer blocks here until the parent opens the gate for all at once
 h = pheap.open(path, "c", size=1 << 16)
 off = h.malloc(16)
 h.write(off, tag.to_bytes(16, "little"))
@@ -206,10 +207,16 @@ def test_processes_racing_to_create_end_with_one_heap(tmp_path):
 
     for round_ in range(3):
         path = str(tmp_path / f"race{round_}.heap")
-        start = time.time() + 1.0
-        procs = [subprocess.Popen([sys.executable, "-c", RACER, path, str(t), repr(start)],
-                                  env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for t in range(12)]
+        gate_r, gate_w = os.pipe()
+        try:
+            procs = [subprocess.Popen([sys.executable, "-c", RACER, path, str(t), str(gate_r)],
+                                      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, pass_fds=(gate_r,)) for t in range(12)]
+            time.sleep(0.5)  # let them start (and block on the gate)
+            os.write(gate_w, b"g" * 12)
+        finally:
+            os.close(gate_r)
+            os.close(gate_w)
         outs = [p.communicate(timeout=100) for p in procs]
         assert all(p.returncode == 0 for p in procs), outs
         uuids = {o.split()[0] for o, _ in outs}
