@@ -697,9 +697,32 @@ class Allocator:
             # Split: [b: used s][r: free rem]. The block after r already has PREV_FREE set.
             st(bi, s)
             r = b + s
-            st(r >> 3, rem | FREE | (hdr & RELEASED))
-            st((r + rem >> 3) - 1, rem)
-            self._insert(r, rem)
+            ri = r >> 3
+            # r's header and links lie inside the free block taken: an undo makes it one free
+            # block again, whose inside means nothing, so they need no records. Its footer is
+            # the taken block's own footer: logged.
+            w[ri] = rem | FREE | (hdr & RELEASED)  # unlogged: inside the block taken
+            st(ri + (rem >> 3) - 1, rem)
+            # Inlined _insert(r, rem): one call less on the hottest block path.
+            if rem < _SMALL:
+                fl = 0
+                sl = rem >> 3
+            else:
+                bl = rem.bit_length() - 1
+                fl = bl - 7
+                sl = (rem >> (bl - 5)) & 31
+            h = C_HEADS + (fl << 5) + sl
+            head = w[h]
+            w[ri + 1] = head  # unlogged: inside the block taken
+            w[ri + 2] = 0  # unlogged: inside the block taken
+            if head:
+                st((head >> 3) + 2, r)
+            else:
+                m = w[C_SL_BITMAP + fl]
+                if not m:
+                    st(C_FL_BITMAP, w[C_FL_BITMAP] | 1 << fl)
+                st(C_SL_BITMAP + fl, m | (1 << sl))
+            st(h, r)
         else:
             st(bi, bsize)
             nb = (b + bsize) >> 3  # a free block never touches brk, so this is a used block
@@ -1031,7 +1054,9 @@ class Allocator:
 
     def _free_block(self, b: int, size: int) -> None:
         """Turn used block ``b`` of ``size`` bytes (alloc bit already clear) into free space,
-        coalescing with free neighbours, or with the wilderness. O(1)."""
+        coalescing with free neighbours, or with the wilderness. O(1).
+
+        The unlinks of the neighbours and the insert are inlined (the hottest block path)."""
         w = self._w
         st = self._j.set
         bi = b >> 3
@@ -1045,10 +1070,29 @@ class Allocator:
         released = 0
         if hdr & PREV_FREE:
             psize = w[bi - 1]
-            pb = b - psize
-            released = w[pb >> 3] & RELEASED
-            self._unlink(pb, psize)
-            b = pb
+            b -= psize
+            bi = b >> 3
+            released = w[bi] & RELEASED
+            nxt = w[bi + 1]  # unlink the previous block
+            prv = w[bi + 2]
+            if prv:
+                st((prv >> 3) + 1, nxt)
+            else:
+                if psize < _SMALL:
+                    fl = 0
+                    sl = psize >> 3
+                else:
+                    bl = psize.bit_length() - 1
+                    fl = bl - 7
+                    sl = (psize >> (bl - 5)) & 31
+                st(C_HEADS + (fl << 5) + sl, nxt)
+                if not nxt:
+                    m = w[C_SL_BITMAP + fl] & ~(1 << sl)
+                    st(C_SL_BITMAP + fl, m)
+                    if not m:
+                        st(C_FL_BITMAP, w[C_FL_BITMAP] & ~(1 << fl))
+            if nxt:
+                st((nxt >> 3) + 2, prv)
             size += psize
         if nb == brk:
             # The block touches the wilderness: give it back by lowering brk.
@@ -1058,19 +1102,57 @@ class Allocator:
             if w[H_ZERO_FROM] - b >= TRIM_THRESHOLD:
                 self.pending.append((0, b))
             return
-        nhdr = w[nb >> 3]
+        ni = nb >> 3
+        nhdr = w[ni]
         if nhdr & FREE:
             nsize = nhdr & _SZ
             released |= nhdr & RELEASED
-            self._unlink(nb, nsize)
+            nxt = w[ni + 1]  # unlink the next block
+            prv = w[ni + 2]
+            if prv:
+                st((prv >> 3) + 1, nxt)
+            else:
+                if nsize < _SMALL:
+                    fl = 0
+                    sl = nsize >> 3
+                else:
+                    bl = nsize.bit_length() - 1
+                    fl = bl - 7
+                    sl = (nsize >> (bl - 5)) & 31
+                st(C_HEADS + (fl << 5) + sl, nxt)
+                if not nxt:
+                    m = w[C_SL_BITMAP + fl] & ~(1 << sl)
+                    st(C_SL_BITMAP + fl, m)
+                    if not m:
+                        st(C_FL_BITMAP, w[C_FL_BITMAP] & ~(1 << fl))
+            if nxt:
+                st((nxt >> 3) + 2, prv)
             size += nsize
         else:
-            st(nb >> 3, nhdr | PREV_FREE)
+            st(ni, nhdr | PREV_FREE)
         if freed >= RELEASE_THRESHOLD:
             self.pending.append((b, size))
-        st(b >> 3, size | FREE | released)
-        st((b + size >> 3) - 1, size)
-        self._insert(b, size)
+        st(bi, size | FREE | released)
+        st(bi + (size >> 3) - 1, size)
+        if size < _SMALL:  # insert into its bin
+            fl = 0
+            sl = size >> 3
+        else:
+            bl = size.bit_length() - 1
+            fl = bl - 7
+            sl = (size >> (bl - 5)) & 31
+        h = C_HEADS + (fl << 5) + sl
+        head = w[h]
+        st(bi + 1, head)
+        st(bi + 2, 0)
+        if head:
+            st((head >> 3) + 2, b)
+        else:
+            m = w[C_SL_BITMAP + fl]
+            if not m:
+                st(C_FL_BITMAP, w[C_FL_BITMAP] | 1 << fl)
+            st(C_SL_BITMAP + fl, m | (1 << sl))
+        st(h, b)
 
     def release_pending(self) -> int:
         """Give back the pages that the last operation freed; return the bytes released.

@@ -126,7 +126,7 @@ when the heap grows.
 from __future__ import annotations
 
 import os
-import secrets
+
 import struct
 import time
 import zlib
@@ -435,10 +435,10 @@ def new_header(capacity: int, max_size: int) -> bytes:
     head = bytearray(HEADER_SIZE)
     head[0:8] = MAGIC
     struct.pack_into("<5Q", head, H_VERSION * WORD, FORMAT_VERSION, 0, BYTE_ORDER_MARK, 0, 0)
-    head[H_UUID * WORD:H_UUID * WORD + 16] = secrets.token_bytes(16)
+    head[H_UUID * WORD:H_UUID * WORD + 16] = os.urandom(16)
     struct.pack_into("<7Q", head, H_CTL_OFF * WORD, CTL_OFF, BLOCKS_OFF, time.time_ns(),
                      FL_COUNT, SL_COUNT, CLASS_COUNT, PAGE)
-    head[H_SECRET * WORD:H_SECRET * WORD + 16] = secrets.token_bytes(16)
+    head[H_SECRET * WORD:H_SECRET * WORD + 16] = os.urandom(16)
     struct.pack_into("<Q", head, H_CRC * WORD, header_crc(head))
     fields = {H_CAPACITY: capacity, H_BRK: BLOCKS_OFF, H_ZERO_FROM: BLOCKS_OFF,
               H_HOLE_FROM: meta_off(capacity), H_GENERATION: 1, H_MAX_SIZE: max_size,

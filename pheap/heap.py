@@ -26,7 +26,7 @@ needs it.
 from __future__ import annotations
 
 import os
-import secrets
+
 import stat
 import threading
 from collections.abc import Iterator
@@ -749,7 +749,8 @@ def _capacity_for(size: int, max_size: int) -> int:
 def _new_file(path: str, cap: int, max_size: int, mode: int) -> str:
     """Build a complete heap under a temporary name beside ``path``; return that name."""
     d = os.path.dirname(path)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}"
+                          ".new")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         allocate(fd, 0, cap)

@@ -376,7 +376,10 @@ class Journal:
         """Close the operation ``begin`` opened: one word makes all of it permanent."""
         if token != OUTERMOST:
             return
-        self._commit_word()
+        if self._crashy or self.durable:
+            self._commit_word()
+        else:
+            self.w[_J_STATE] = 0
         self.mode = IDLE
 
     def rollback(self, token: int) -> None:
