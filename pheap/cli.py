@@ -607,7 +607,8 @@ def _figures(sv: Survey) -> list[str]:
             f"{_n(st.free_blocks, 'block')} + {hm(st.wilderness)} wilderness; fragmentation "
             f"{st.fragmentation:.1%}",
             f"{_n(st.runs, 'run')} ({st.used_slots}/{slots} slots used, {hm(st.run_bytes)}); "
-            f"journal {hm(journal)}; metadata {hm(st.metadata_bytes)}"]
+            + (f"transaction log {hm(journal)}; " if journal else "no transaction log; ")
+            + f"metadata {hm(st.metadata_bytes)}"]
 
 
 def cmd_map(args: argparse.Namespace) -> int:
