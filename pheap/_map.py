@@ -296,14 +296,18 @@ def png(scene: Scene, path: str) -> None:
         else:
             draw.rectangle((r.x, r.y, x1, r.y + r.h - 1), fill=r.fill,
                            outline="white" if r.group == "blocks" and r.w >= EDGE_MIN else None)
-    fonts: dict[int, object] = {}
+    fonts: dict[int, tuple[object, int]] = {}  # size -> (font, baseline below the top)
     for t in scene.texts:
         if t.size not in fonts:
             try:
-                fonts[t.size] = ImageFont.load_default(t.size)
+                font = ImageFont.load_default(t.size)
             except TypeError:  # Pillow < 10.1: one bitmap size
-                fonts[t.size] = ImageFont.load_default()
-        font = fonts[t.size]
-        draw.text((t.x, t.y), t.text, fill="black", font=font,  # type: ignore[arg-type]
-                  anchor="rs" if t.anchor == "end" else "ls")
+                font = ImageFont.load_default()
+            fonts[t.size] = (font, draw.textbbox((0, 0), "x", font=font)[3])  # type: ignore
+        font, base = fonts[t.size]
+        # Placed by box and baseline, not by anchors (the bitmap fonts of older Pillow ignore
+        # those): the baseline on y, the right edge on x for "end".
+        left, _, right, _ = draw.textbbox((0, 0), t.text, font=font)  # type: ignore[arg-type]
+        draw.text((t.x - (right - left) if t.anchor == "end" else t.x, t.y - base), t.text,
+                  fill="black", font=font)  # type: ignore[arg-type]
     img.save(path, "PNG")

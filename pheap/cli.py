@@ -132,6 +132,7 @@ WAIT_NOTICE: Final = 0.5  #: seconds of waiting for the lock before saying so on
 SNAPSHOT_NOTE: Final = ("inspecting a snapshot: a private copy taken without the lock, which may "
                         "be mid-operation if a process was changing the heap meanwhile")
 COPY_CHUNK: Final = 1 << 20  #: bytes per read of a backup copy
+HOLE_GRAIN: Final = 1 << 16  #: a backup leaves a hole for every run of this many zero bytes
 
 
 class CliError(Exception):
@@ -158,6 +159,8 @@ def _note(text: str) -> None:
 
 def _as_given(text: str, path: str) -> str:
     """A core message about ``path`` with the path as the user gave it (the core absolutises)."""
+    if not path:
+        return text
     full = os.path.abspath(path)
     return text.replace(full, path) if full != path else text
 
@@ -165,7 +168,7 @@ def _as_given(text: str, path: str) -> str:
 def _about(path: str, text: str) -> str:
     """``'PATH: text'``, unless the text already starts with the path."""
     text = _as_given(text, path)
-    return text if text.startswith(f"{path}:") else f"{path}: {text}"
+    return text if not path or text.startswith(f"{path}:") else f"{path}: {text}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,14 +713,16 @@ def _backup(path: str, timeout: float, progress: _Progress) -> str:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                       os.fstat(src).st_mode & 0o777)
         try:
-            zero = bytes(COPY_CHUNK)
+            zero = bytes(HOLE_GRAIN)
             pos = 0
             while pos < size:
                 chunk = os.pread(src, min(COPY_CHUNK, size - pos), pos)
                 if not chunk:
                     break
-                if chunk != zero[:len(chunk)]:
-                    os.pwrite(out, chunk, pos)
+                for i in range(0, len(chunk), HOLE_GRAIN):
+                    piece = chunk[i:i + HOLE_GRAIN]
+                    if piece != zero[:len(piece)]:
+                        os.pwrite(out, piece, pos + i)
                 pos += len(chunk)
                 progress(pos / size)
             os.ftruncate(out, size)
@@ -880,6 +885,12 @@ def _opt_json(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _opt_json_lines(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--json", action="store_true",
+                   help="print JSON Lines: one object per block or slot (offset, size, free, "
+                   "kind; a run's slot_size, slots, used_slots; role: root or txlog)")
+
+
 def _opt_access(s: argparse.ArgumentParser) -> None:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--timeout", type=_seconds, default=INSPECT_TIMEOUT, metavar="SECONDS",
@@ -948,7 +959,7 @@ COMMANDS: Final[list[tuple[str, Callable[[argparse.Namespace], int], str,
     ("check", cmd_check, "verify every invariant (exit 1 when damaged)",
      (_opt_file, _opt_check, _opt_progress, _opt_access)),
     ("walk", cmd_walk, "list blocks: offset, size, used/free, kind",
-     (_opt_file, _opt_walk, _opt_json, _opt_access)),
+     (_opt_file, _opt_walk, _opt_json_lines, _opt_access)),
     ("map", cmd_map, "draw the heap: text on the terminal, or an SVG/PNG picture",
      (_opt_file, _opt_map, _opt_access)),
     ("repair", cmd_repair, "undo a dead process's operation; rebuild the bins from the tags",
@@ -996,6 +1007,10 @@ def _failure(e: BaseException, args: argparse.Namespace) -> tuple[int, str] | No
     if isinstance(e, NeedsRecoveryError):
         err = _pending_error(path)
         return (err.code, str(err)) if err else (EXIT_NEEDS_RECOVERY, _about(path, str(e)))
+    if isinstance(e, DamagedJournalError) and path:  # seen by --snapshot, whose copy recovers
+        err = _pending_error(path)
+        if err is not None:
+            return err.code, str(err)
     if isinstance(e, CorruptHeapError):
         where = (" (in the snapshot, which may be mid-operation: run it without --snapshot to "
                  "be sure)") if getattr(args, "snapshot", False) else ""

@@ -259,7 +259,7 @@ def test_every_command_exits_as_the_table_says(scenario_file, command, capsys, r
     if code in (3, 5, 6) and not planned:
         assert err.startswith(f"pheap: {path}: "), err
     if scenario == "busy":
-        assert f"pid {holder}" in err and took < 5
+        assert f"pid {holder}" in err and took < 0.3 + 2  # the timeout, or no wait (repair)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +525,7 @@ def test_inspection_commands_time_out_naming_the_holder(heap_file, capsys):
             code, out, err = run(capsys, cmd, "--timeout", "0.8", path)
             took = time.monotonic() - t0
             assert code == 6, (cmd, err)
-            assert 0.7 < took < 5, (cmd, took)
+            assert 0.7 < took < 0.8 + 2, (cmd, took)
             assert one_line_about(err.splitlines()[-1] + "\n", path)
             assert f"waiting up to 0.8 s for the heap lock (pid {pid} holds it)" in err
             assert "busy: heap lock not acquired within" in err and f"pid {pid} holds it" in err
@@ -604,6 +604,22 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert first.split()[3] == b"run"
     assert code == cli.EXIT_PIPE == 141
     assert err == b""  # no traceback, no "Exception ignored" at exit
+
+
+@pytest.mark.timeout(60)
+def test_a_pipe_closed_before_a_short_output_ends_quietly(heap_file):
+    """The output fits the buffer, so it fails at the final flush, and the interpreter would
+    flush it again at exit and complain ("Exception ignored ... BrokenPipeError")."""
+    path, _ = heap_file
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes anything
+    try:
+        res = subprocess.run([sys.executable, "-m", "pheap.cli", "info", path], env=ENV,
+                             stdout=w, stderr=subprocess.PIPE, timeout=50)
+    finally:
+        os.close(w)
+    assert res.returncode == 141
+    assert res.stderr == b""
 
 
 def test_a_bug_prints_its_traceback_and_exits_70(heap_file, capsys, monkeypatch):
@@ -823,6 +839,7 @@ def test_repair_with_backup_fixes_bin_damage(heap_file, capsys):
     assert code == 0, err
     assert file_bytes(path + ".bak") == damaged
     assert os.stat(path + ".bak").st_mode & 0o777 == os.stat(path).st_mode & 0o777
+    assert os.stat(path + ".bak").st_blocks < os.stat(path).st_blocks // 2  # holes stay holes
     lines = out.splitlines()
     assert lines[0] == f"{path}: backup written to {path}.bak"
     assert "rebuilt the bins from the boundary tags" in lines[1]
