@@ -129,6 +129,7 @@ EXIT_CODES: Final = (
 
 INSPECT_TIMEOUT: Final = 10.0  #: seconds an inspection command waits for the lock by default
 WAIT_NOTICE: Final = 0.5  #: seconds of waiting for the lock before saying so on stderr
+#: what every --snapshot command says on stderr
 SNAPSHOT_NOTE: Final = ("inspecting a snapshot: a private copy taken without the lock, which may "
                         "be mid-operation if a process was changing the heap meanwhile")
 COPY_CHUNK: Final = 1 << 20  #: bytes per read of a backup copy
@@ -737,12 +738,13 @@ def _backup(path: str, timeout: float, progress: _Progress) -> str:
     return dest
 
 
-def _advice(path: str, damage: str, backup: str | None, changed: bool) -> str:
-    """What to do after a repair that could not make the heap sound."""
+def _advice(path: str, damage: str, backup: str | None, journal: str) -> str:
+    """What to do after a repair that could not make the heap sound; ``journal`` is what it did
+    to the journal first ("undoing", "discarding" or '')."""
     lines = [f"{path}: still damaged after repair: {_as_given(damage, path)}",
              "  Repair rebuilds the bins, page map and bitmaps from the boundary tags (block "
              "headers) and the header fields; these are damaged themselves, so it stopped "
-             + ("after undoing the journal." if changed else "and changed nothing."),
+             + (f"after {journal} the journal." if journal else "and changed nothing."),
              "  What now:",
              f"  - see where: `pheap walk {path}` lists the blocks up to the damage, "
              f"`pheap map {path} -o map.svg` draws it;",
@@ -770,26 +772,27 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if args.backup:
         backup = _backup(path, args.timeout, _progress(args, f"backing up {path}"))
         print(f"{path}: backup written to {backup}")
-    changed = False
+    journal = ""
     if d.state == "journal":
         _discard_journal(path, args.timeout)
-        changed = True
+        journal = "discarding"
         print(f"{path}: discarded the journal, whose records fail their checks "
               f"({_as_given(d.damage, path)})")
     for attempt in range(2):
         try:
             with _open(path, "w", args.timeout, "repair") as h:  # opening undoes the journal
-                changed = changed or d.state == "pending"
+                if d.state == "pending":
+                    journal = "undoing"
                 report = h.repair()
             break
         except DamagedJournalError as e:  # damaged since we looked: discard it after all
             if attempt:
                 raise
             _discard_journal(path, args.timeout)
-            changed = True
+            journal = "discarding"
             print(f"{path}: discarded the journal, whose records fail their checks ({e})")
         except CorruptHeapError as e:
-            raise CliError(EXIT_UNREPAIRED, _advice(path, str(e), backup, changed)) from None
+            raise CliError(EXIT_UNREPAIRED, _advice(path, str(e), backup, journal)) from None
     if d.state == "pending":
         print(f"{path}: undid the operation a dead process left in the journal ({d.records} "
               "undo records)")

@@ -929,6 +929,21 @@ def test_pending_journal_check_exits_5_and_repair_undoes_it(heap_file, capsys):
 
 
 @pytest.mark.timeout(60)
+def test_a_pending_journal_over_damaged_tags_is_undone_then_exits_4(heap_file, capsys):
+    path, offs = heap_file
+    crash_inside_an_operation(path)
+    damage_tags(path, offs)
+    code, out, _ = run(capsys, "repair", "--dry-run", path)
+    assert code == 5  # the journal first: its undo is what any opener does
+    assert "undo the operation" in out and f"stop: offset {offs['C'] - 8}" in out
+    code, out, err = run(capsys, "repair", path)
+    assert code == 4
+    assert "so it stopped after undoing the journal." in err
+    assert peek(path, F.J_STATE * 8) == 0
+    assert run(capsys, "check", path)[0] == 1  # damaged, no longer pending
+
+
+@pytest.mark.timeout(60)
 def test_a_damaged_journal_is_discarded_by_repair(heap_file, capsys):
     path, _ = heap_file
     crash_inside_an_operation(path)
