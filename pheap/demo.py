@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -74,14 +75,16 @@ print(f"  {st.used_blocks} live blocks, {st.payload_bytes} payload bytes, "
 
 
 def run_demo(workers: int = 4, records: int = 20000, path: str | None = None) -> int:
-    """Run the demo; return 0 on success."""
+    """Run the demo; return 0 on success, 1 when a worker or the verification failed (the heap
+    file is kept then, for ``pheap check``). Without ``path`` the heap lives in a temporary
+    directory, removed after a success."""
     tmp = None
     if path is None:
         tmp = tempfile.mkdtemp(prefix="pheap-demo-")
         path = os.path.join(tmp, "demo.heap")
     print(f"pheap demo: {workers} processes x {records} records into {path}")
     with open_heap(path, "n") as h:
-        h.root_offset = h.calloc(workers, SLOT.size)
+        h.root_offset = h.calloc(workers, SLOT.size)  # worker w's index goes in slot w
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     t0 = time.perf_counter()
     procs = [ctx.Process(target=_worker, args=(path, w, records)) for w in range(workers)]
@@ -92,7 +95,8 @@ def run_demo(workers: int = 4, records: int = 20000, path: str | None = None) ->
     elapsed = time.perf_counter() - t0
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
-        print(f"  workers failed with exit codes {failed}", file=sys.stderr)
+        print(f"  workers failed with exit codes {failed}; the heap is kept at {path}",
+              file=sys.stderr)
         return 1
     total = workers * records
     print(f"  {workers} workers wrote {total} records concurrently in {elapsed:.2f} s "
@@ -103,11 +107,12 @@ def run_demo(workers: int = 4, records: int = 20000, path: str | None = None) ->
     env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
     rc = subprocess.call([sys.executable, "-c", VERIFY, path, str(workers)], env=env)
     if rc != 0:
-        print("  verification FAILED", file=sys.stderr)
+        print(f"  verification FAILED; the heap is kept at {path}", file=sys.stderr)
         return 1
-    print(f"  ok: the heap file ({os.path.getsize(path)} bytes) persists at {path}"
-          if tmp is None else "  ok")
-    if tmp is not None:
-        os.unlink(path)
-        os.rmdir(tmp)
+    if tmp is None:
+        print(f"  ok: the heap file persists at {path}; look inside with `pheap stats {path}`, "
+              f"`pheap walk {path}` or `pheap map {path} -o heap.svg`")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("  ok")
     return 0
