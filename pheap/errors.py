@@ -13,7 +13,8 @@ derives from the builtin a caller would naturally catch, so ``except MemoryError
     ├── TransactionTooLargeError(MemoryError)  a transaction outgrew its undo log
     ├── LockTimeoutError(TimeoutError)  the heap lock was not acquired within ``timeout``
     ├── ReadOnlyError(PermissionError)  a write to a heap opened with flag 'r'
-    └── HeapClosedError(ValueError)     use of a closed heap
+    ├── HeapClosedError(ValueError)     use of a closed heap
+    └── UnpicklingNotAllowedError(TypeError)  a stored pickle, pickling not allowed; not run
 
 All exceptions pickle (they carry only their message), so they cross process pools intact.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "LockTimeoutError",
     "ReadOnlyError",
     "HeapClosedError",
+    "UnpicklingNotAllowedError",
 ]
 
 
@@ -73,3 +75,10 @@ class ReadOnlyError(PheapError, PermissionError):
 
 class HeapClosedError(PheapError, ValueError):
     """An operation on a heap that has been closed."""
+
+
+class UnpicklingNotAllowedError(PheapError, TypeError):
+    """A stored value is a pickle and pickling was not allowed; ``pickle`` was never called.
+
+    Unpickling runs code chosen by whoever wrote the bytes, so it is refused unless the heap is
+    opened with ``allow_pickle=True`` (do that only for heaps you trust)."""
