@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -59,7 +60,7 @@ def from_bits(b: int) -> float:
     return struct.unpack("<d", struct.pack("<Q", b))[0]
 
 
-def key(v: object) -> object:
+def key(v: Any) -> object:
     """A hashable, NaN-free picture of ``v`` that tells apart what must round-trip exactly:
     type, float bits, item order; frozensets as sets of pictures."""
     t = type(v)
@@ -771,10 +772,25 @@ class TestHostile:
     def test_buffer_of_wrong_format(self):
         import array
 
-        mv = memoryview(array.array("Q", [1]))
-        for f in (decode, blob_length, blob_refs):
-            with pytest.raises(TypeError, match="format"):
-                f(mv)
+        for mv in (memoryview(array.array("Q", [1])), memoryview(b"\x01\x01a!").cast("B", (2, 2))):
+            for f in (decode, blob_length, blob_refs):
+                with pytest.raises(TypeError, match="format"):
+                    f(mv)
+
+    def test_mmap_buffer(self):
+        import mmap
+
+        blob = encode((1, "x" * 200, 2.5))
+        with mmap.mmap(-1, 4096) as mm:
+            mm[: len(blob)] = blob
+            assert decode(mm) == (1, "x" * 200, 2.5) and blob_length(mm) == len(blob)
+            with memoryview(mm) as mv:
+                assert decode(mv[: len(blob) + 10]) == (1, "x" * 200, 2.5)
+            try:
+                decode(memoryview(mm)[: len(blob) - 1])
+            except CorruptHeapError:
+                pass
+            # Nothing the codec made still holds the mapping, even after an error.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,7 +800,7 @@ class TestHostile:
 hashables = values  # every value the codec stores natively is hashable
 
 
-def twins(v: object) -> st.SearchStrategy:
+def twins(v: Any) -> st.SearchStrategy:
     """Values equal to ``v`` of other types where Python has them (1 == 1.0 == True == 1+0j)."""
     t = type(v)
     options = [st.just(v)]
@@ -961,7 +977,7 @@ class TestHasher:
             assert json.loads(run_child(code, seed)) == mine
 
 
-def has_nan(v: object) -> bool:
+def has_nan(v: Any) -> bool:
     if type(v) is float:
         return v != v
     if type(v) is complex:
