@@ -89,6 +89,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import struct
+import traceback
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -552,7 +553,9 @@ def decode(
     :class:`UnpicklingNotAllowedError` is raised and pickle is never called. Damaged input raises
     :class:`CorruptHeapError`; exceptions from ``deref`` and from pickle (other than
     ``UnpicklingError`` and ``EOFError``, which count as damage) pass through. ``buf`` is bytes,
-    bytearray, mmap or a flat memoryview of unsigned bytes (format ``'B'``). O(len(buf)).
+    bytearray, mmap or a flat memoryview of unsigned bytes (format ``'B'``); when it is not bytes,
+    an error leaves no frame holding it (see ``_unpin``), so a view of a mapping is not kept
+    exported by a saved exception. O(len(buf)).
 
     >>> decode(b"\\x01\\x03abc"), decode(encode(2**100)), decode(encode(frozenset({1})))
     ('abc', 1267650600228229401496703205376, frozenset({1}))
@@ -566,9 +569,13 @@ def decode(
                     return str(buf[2 : n + 2], "utf-8", "surrogatepass")
                 except UnicodeDecodeError as e:
                     raise _bad_utf8(e, 2) from None
-    else:
-        _bytes_view(buf)
-    return _read(buf, 0, len(buf), 0, deref, allow_pickle)[0]
+        return _read(buf, 0, len(buf), 0, deref, allow_pickle)[0]
+    try:
+        return _read(_bytes_view(buf), 0, len(buf), 0, deref, allow_pickle)[0]
+    except BaseException as exc:
+        del buf  # see _unpin
+        _unpin(exc)
+        raise
 
 
 def _read(
@@ -759,7 +766,12 @@ def blob_length(buf: Buffer) -> int:
     >>> blob_length(encode("abc") + b"\\x00" * 5)
     5
     """
-    return _walk(_bytes_view(buf), 0, len(buf), 0, None)
+    try:
+        return _walk(_bytes_view(buf), 0, len(buf), 0, None)
+    except BaseException as exc:
+        del buf  # see _unpin
+        _unpin(exc)
+        raise
 
 
 def blob_refs(buf: Buffer) -> list[int]:
@@ -772,8 +784,30 @@ def blob_refs(buf: Buffer) -> list[int]:
     [4096, 4096]
     """
     refs: list[int] = []
-    _walk(_bytes_view(buf), 0, len(buf), 0, refs)
+    try:
+        _walk(_bytes_view(buf), 0, len(buf), 0, refs)
+    except BaseException as exc:
+        del buf  # see _unpin
+        _unpin(exc)
+        raise
     return refs
+
+
+def _unpin(exc: BaseException) -> None:
+    """Clear the locals of the finished frames in the tracebacks of ``exc`` and its causes.
+
+    Each of those frames holds ``buf``; when it is a view of an mmap, an exception kept alive
+    (``sys.last_value`` in a REPL, a saved error, a log record) would keep the mapping exported,
+    and the heap could then be neither grown nor closed (``BufferError``). The traceback keeps
+    its file and line numbers. The caller deletes its own ``buf``: an executing frame cannot be
+    cleared.
+    """
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
 
 
 def _bytes_view(buf: Buffer) -> Buffer:

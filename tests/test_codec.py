@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+from functools import partial
 from typing import Any
 
 import pytest
@@ -786,11 +787,23 @@ class TestHostile:
             assert decode(mm) == (1, "x" * 200, 2.5) and blob_length(mm) == len(blob)
             with memoryview(mm) as mv:
                 assert decode(mv[: len(blob) + 10]) == (1, "x" * 200, 2.5)
-            try:
-                decode(memoryview(mm)[: len(blob) - 1])
-            except CorruptHeapError:
-                pass
-            # Nothing the codec made still holds the mapping, even after an error.
+            # An error kept alive (a saved exception, sys.last_value) must not keep the mapping
+            # exported: the heap could be neither grown nor closed.
+            kept = []
+            bad_utf8 = encode(("x", "é")).replace("é".encode(), b"\xc3\x00")
+            for f, data in (
+                (decode, blob[:-1]),
+                (decode, bad_utf8),
+                (partial(decode, deref=lambda off: 1 // 0), encode((Shared(8),), ref=ref_of)),
+                (blob_length, blob[:-1]),
+                (blob_refs, blob[:-1]),
+            ):
+                mm[: len(data)] = data
+                with pytest.raises((CorruptHeapError, ZeroDivisionError)) as ei:
+                    f(memoryview(mm)[: len(data)])
+                kept.append(ei.value)
+        assert mm.closed and len(kept) == 5  # closing with exports would have raised BufferError
+        # (A caller's own frame holding the view would pin it too: hence partial, no lambda.)
 
 
 # ---------------------------------------------------------------------------------------------
