@@ -419,16 +419,12 @@ def encode(
     if t is str:
         b = v.encode("utf-8", "surrogatepass")
         n = len(b)
-        if n < 0x80:
-            return _STR_HEAD[n] + b
-        return bytes((BLOB_STR,)) + _varint(n) + b
+        return (_STR_HEAD[n] if n < 0x80 else _head(BLOB_STR, n)) + b
     if t is int:
         return _int_blob(v)
     if t is bytes:
         n = len(v)
-        if n < 0x80:
-            return _BYTES_HEAD[n] + v
-        return bytes((BLOB_BYTES,)) + _varint(n) + v
+        return (_BYTES_HEAD[n] if n < 0x80 else _head(BLOB_BYTES, n)) + v
     if t is float:
         return _TAGGED_F64.pack(BLOB_FLOAT, v)
     out: list[bytes] = []
@@ -512,6 +508,8 @@ def _head(tag: int, n: int) -> bytes:
     """Tag byte and varint ``n``."""
     if n < 0x80:
         return bytes((tag, n))
+    if n < 0x4000:
+        return bytes((tag, (n & 0x7F) | 0x80, n >> 7))
     return bytes((tag,)) + _varint(n)
 
 
@@ -560,15 +558,20 @@ def decode(
     >>> decode(b"\\x01\\x03abc"), decode(encode(2**100)), decode(encode(frozenset({1})))
     ('abc', 1267650600228229401496703205376, frozenset({1}))
     """
-    if type(buf) is bytes:  # the common case inlined: a str blob shorter than 128 bytes
+    if type(buf) is bytes:  # the common case inlined: a str blob of less than 16 KiB
         size = len(buf)
         if size > 1 and buf[0] == BLOB_STR:
             n = buf[1]
-            if n < 0x80 and n + 2 <= size:
+            q = 2
+            if n >= 0x80:  # a two-byte length, unless it is longer or not minimal
+                m = buf[2] if size > 2 else 0
+                n = (n & 0x7F) | (m << 7) if 0 < m < 0x80 else size
+                q = 3
+            if n <= size - q:
                 try:
-                    return str(buf[2 : n + 2], "utf-8", "surrogatepass")
+                    return str(buf[q : q + n], "utf-8", "surrogatepass")
                 except UnicodeDecodeError as e:
-                    raise _bad_utf8(e, 2) from None
+                    raise _bad_utf8(e, q) from None
         return _read(buf, 0, len(buf), 0, deref, allow_pickle)[0]
     try:
         return _read(_bytes_view(buf), 0, len(buf), 0, deref, allow_pickle)[0]
@@ -933,6 +936,8 @@ class StableHasher:
         if t is int:
             h = self._ints.get(v)
             return h if h is not None else self._int(v)
+        if t is bytes:
+            return self._bytes_hash(v)
         return self._any(v, 0)
 
     def _digest(self, data: bytes) -> int:

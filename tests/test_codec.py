@@ -384,9 +384,11 @@ class TestRoundTrip:
 
     @pytest.mark.parametrize("n", [0, 1, 7, 8, 127, 128, 16383, 16384, 100_000])
     def test_lengths_across_varint_sizes(self, n):
-        for v in (b"\xab" * n, "é" * n):
+        for v in (b"\xab" * n, "é" * n, "a" * n):
             blob = encode(v)
             assert decode(blob) == v and blob_length(blob) == len(blob)
+            slack = blob + b"\x00" * (2 * len(blob))  # a misread length would still fit
+            assert decode(slack) == v and blob_length(slack) == len(blob)
 
     def test_floats_bit_exact(self):
         payload_nan = from_bits(0x7FF0000000000001)  # signalling NaN with a payload
