@@ -56,7 +56,8 @@ Decisions beyond the brief, and why:
   None, True, False and refs. The decoder accepts both forms everywhere, as the brief's grammar
   allows.
 * **Strict on reading**: varints and INT values must be minimal, and an immediate's data must be
-  zero past its length, so every accepted byte string has exactly one meaning.
+  zero past its length, so no field has two spellings (a small int may still be stored either as
+  a CELL or as an INT blob: both are valid).
 * **Nesting**: at most ``MAX_DEPTH`` (100) tuples/frozensets inside one another, on both sides.
   Encoding deeper raises ``ValueError``; decoding deeper raises ``CorruptHeapError``. This bounds
   the recursion (well under Python's default limit of 1000 frames) for blobs forged to be deep.
