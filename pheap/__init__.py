@@ -33,6 +33,7 @@ from .errors import (
     ReadOnlyError,
     TransactionStateError,
     TransactionTooLargeError,
+    UnpicklingNotAllowedError,
 )
 from .heap import DEFAULT_SIZE, Heap, Session, anonymous, memfd, open, snapshot
 
@@ -65,4 +66,5 @@ __all__ = [
     "TransactionStateError",
     "NotSupportedError",
     "HeapClosedError",
+    "UnpicklingNotAllowedError",
 ]

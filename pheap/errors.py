@@ -19,7 +19,8 @@ derives from the builtin a caller would naturally catch, so ``except MemoryError
     ├── ReadOnlyError(PermissionError)     a write to a heap opened with flag 'r'
     ├── TransactionStateError(RuntimeError)  a call not allowed inside (or outside) a bracket
     ├── NotSupportedError(OSError)         the platform lacks what the call needs (memfd)
-    └── HeapClosedError(ValueError)        use of a closed heap
+    ├── HeapClosedError(ValueError)        use of a closed heap
+    └── UnpicklingNotAllowedError(TypeError)  a stored pickle, pickling not allowed; not run
 
 All exceptions pickle (they carry only their message), so they cross process pools intact.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "TransactionStateError",
     "NotSupportedError",
     "HeapClosedError",
+    "UnpicklingNotAllowedError",
 ]
 
 
@@ -114,3 +116,10 @@ class NotSupportedError(PheapError, OSError):
 
 class HeapClosedError(PheapError, ValueError):
     """An operation on a heap that has been closed."""
+
+
+class UnpicklingNotAllowedError(PheapError, TypeError):
+    """A stored value is a pickle and pickling was not allowed; ``pickle`` was never called.
+
+    Unpickling runs code chosen by whoever wrote the bytes, so it is refused unless the heap is
+    opened with ``allow_pickle=True`` (do that only for heaps you trust)."""
