@@ -553,6 +553,32 @@ class Allocator:
             return self._bracket(self._malloc, n)  # type: ignore[return-value]
         return self._locked(self.malloc, self._malloc, n)  # type: ignore[return-value]
 
+    def jmalloc(self, n: int) -> int:
+        """malloc inside an open bracket (the object layer's): a slot whose bitmap word keeps a
+        free slot is one journaled store; anything else is a nested operation. The caller holds
+        the lock and has a bracket or operation open."""
+        if type(n) is int and -1 < n <= _RUN_LIMIT:
+            c = _CLASS_OF[n]
+            w = self._w
+            k = w[C_CLASS_HEADS + c]
+            if k:
+                x = w[k]
+                low = x & -x
+                if x != low:
+                    j = self._j
+                    j.set(k, x ^ low)
+                    base = (k << 3) & -4096
+                    p = base + _CFIRST[c] + ((((k << 3) - base) << 3) + low.bit_length() - 1) \
+                        * _CSIZE[c]
+                    if j.mode >= _ATOMIC and p not in j.freed and base not in j.new_runs:
+                        j.fresh[p] = p + _CSIZE[c]
+                    return p
+        return self._bracket(self._malloc, n)  # type: ignore[return-value]
+
+    def jfree(self, p: int) -> None:
+        """free inside an open bracket (see jmalloc)."""
+        self._bracket(self._free, p)
+
     def _malloc(self, n: int, guard: bool = False) -> int:
         """malloc inside an operation. ``guard``: the caller writes data into the result before
         the operation commits (see _guard)."""
@@ -564,7 +590,16 @@ class Allocator:
             if j.mode >= _ATOMIC and p not in j.freed and p & -_PAGE not in j.new_runs:
                 j.fresh[p] = p + _CSIZE[_CLASS_OF[n]]  # its bytes need no undo records
             return p
-        return self._block((n + 15) & -8, guard) + 8
+        if j.mode < _ATOMIC:
+            return self._block((n + 15) & -8, guard) + 8
+        # In a bracket the block is guarded (its words an undo needs are journaled now), so
+        # stores into it need no records -- unless it overlaps a block freed in the bracket,
+        # whose bytes may have been live when the bracket began.
+        b = self._block((n + 15) & -8, True)
+        end = b + (self._w[b >> 3] & _SZ)
+        if j.block_is_fresh(b, end):
+            j.fresh[b + 8] = end
+        return b + 8
 
     def _slot(self, c: int) -> int:
         """Take a free slot of class ``c`` (a new run when the class has none). O(1)."""
@@ -960,7 +995,11 @@ class Allocator:
         hdr = w[bi]
         if not x & bit or hdr & RUN or p in self._pins or p == w[F.H_TXLOG]:
             raise self._refusal(p)
-        self._j.set(k, x ^ bit)
+        j = self._j
+        j.set(k, x ^ bit)
+        if j.mode >= _ATOMIC:
+            j.fresh.pop(p, None)
+            j.freed_spans.append((b, b + (hdr & _SZ)))
         self._free_block(b, hdr & _SZ)
         return None
 

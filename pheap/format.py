@@ -39,7 +39,9 @@ offset   size  field            meaning
 192      8     peak_brk         high-water mark of brk since creation (utilization figures)
 200      8     txlog            offset of the transaction log block (0 = none yet)
 208      8     obj_seq          the object layer's version counter (odd while a writer is inside)
-216      40    reserved         zero; later entries
+216      8     obj_serial       the last serial number given to a shared object
+224      8     obj_grave        first object waiting to be freed (a list through the objects)
+232      24    reserved         zero; later entries
 256      8     owner_pid        pid of the process holding the lock; left set on release when
                                 work is pending (0 = none): an acquirer that finds it set
                                 recovers first
@@ -249,6 +251,8 @@ H_MAX_SIZE: Final = 23  #: word index of max_size
 H_PEAK_BRK: Final = 24  #: word index of peak_brk
 H_TXLOG: Final = 25  #: word index of txlog
 H_OBJ_SEQ: Final = 26  #: word index of obj_seq
+H_OBJ_SERIAL: Final = 27  #: word index of obj_serial
+H_OBJ_GRAVE: Final = 28  #: word index of obj_grave
 
 H_OWNER_PID: Final = 32  #: word index of owner_pid
 H_OWNER_STATE: Final = 33  #: word index of owner_state
@@ -280,7 +284,7 @@ CTL_END: Final = (C_CLASS_CACHE + CLASS_COUNT) * WORD  #: first byte after the c
 assert MIN_BLOCK % ALIGN == 0 and MIN_BLOCK >= 4 * WORD
 assert SMALL_LIMIT == 1 << (SL_LOG2 + 3)  # level 0 holds 32 exact classes of 8 bytes
 assert CTL_END <= BLOCKS_OFF, (CTL_END, BLOCKS_OFF)
-assert H_RECOVERIES * WORD < JOURNAL_OFF and H_OBJ_SEQ < H_OWNER_PID
+assert H_RECOVERIES * WORD < JOURNAL_OFF and H_OBJ_GRAVE < H_OWNER_PID
 assert (BLOCKS_OFF + WORD) % PAGE == 0
 assert (MAX_BLOCK - 1).bit_length() - 1 - 7 < FL_COUNT
 assert struct.calcsize("<Q") == WORD
@@ -415,6 +419,7 @@ FIELD_OFFSETS: Final = {
     "hole_from": H_HOLE_FROM * WORD, "generation": H_GENERATION * WORD,
     "root": H_ROOT * WORD, "objects": H_OBJECTS * WORD, "max_size": H_MAX_SIZE * WORD,
     "peak_brk": H_PEAK_BRK * WORD, "txlog": H_TXLOG * WORD, "obj_seq": H_OBJ_SEQ * WORD,
+    "obj_serial": H_OBJ_SERIAL * WORD, "obj_grave": H_OBJ_GRAVE * WORD,
     "owner_pid": H_OWNER_PID * WORD, "owner_state": H_OWNER_STATE * WORD,
     "j_state": J_STATE * WORD,
 }

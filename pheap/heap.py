@@ -41,6 +41,7 @@ from .errors import (
     HeapClosedError,
     InvalidPointerError,
     InvalidSizeError,
+    JournalFullError,
     NeedsRecoveryError,
     ReadOnlyError,
     TransactionStateError,
@@ -56,6 +57,11 @@ FILE_MODE: Final = 0o600  #: permissions of new heap files: owner only
 
 _get_ident = threading.get_ident
 
+#: Layers above the allocator add their invariants here: ``hook(core)`` runs at the end of
+#: every ``Heap.check()``, under the same hold of the lock; it raises CorruptHeapError naming
+#: what is broken, and may return a report (the object layer returns what it found unreachable).
+CHECK_HOOKS: list[Any] = []
+
 #: Functions of this module that write the mapping without the journal, and why that is safe
 #: (tests/test_allocator.py checks this list against the source, as for pheap.allocator).
 UNJOURNALED: Final = {
@@ -70,6 +76,8 @@ UNJOURNALED: Final = {
                "the slot is fresh (allocated in the bracket, no undo needs its bytes)",
     "snapshot": "a private anonymous copy no other process maps",
     "_repair": "repair after a rebuild: clears dangling entries, raises zero_from",
+    "_seq_call": "the object layer's version counter: it only ever moves on, so an undo must "
+                 "not put it back (readers would take a torn read for a clean one)",
 }
 _SEEK_END: Final = os.SEEK_END
 _H_GENERATION: Final = F.H_GENERATION
@@ -131,6 +139,10 @@ class Core(Allocator):
         self.lock.on_fork_child = self._after_fork_in_child
         self._validated = False
         self._old_regions: list[Region] = []
+        self._obj_depth = 0  # nesting of object-layer operations (the version counter is odd)
+        self.after_op: Any = None  #: the object layer's hook: free what lost its references
+        self.objects: Any = None  #: the object layer's per-core state (pheap.objects)
+        self.allow_pickle = False  #: whether the object layer may store and load pickles
         # Recovers at once if a process died inside an operation; validates the header fields.
         try:
             self.acquire()
@@ -291,6 +303,60 @@ class Core(Allocator):
             finally:
                 self.lock.release()
         return self.lock.call(method, *args)
+
+    def op(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` as one atomic operation of the layers above: under the lock, inside an
+        atomic bracket (or the user's open bracket, which it joins), with the object layer's
+        version counter odd while it runs (readers that skip the lock see the change and try
+        again). An operation too large for the operation journal is undone and run again as a
+        transaction, whose log grows. Afterwards, objects the operation left without references
+        are freed a little at a time (:func:`pheap.objects.reap`)."""
+        return self.run(self._op_locked, fn, args)
+
+    def _op_locked(self, fn: Any, args: tuple[Any, ...]) -> Any:
+        if self.readonly:
+            raise ReadOnlyError("modifying operation on a heap opened read-only (flag 'r')")
+        j = self._j
+        if j.mode >= J.ATOMIC or self._obj_depth:  # inside a bracket or another object op
+            return self._seq_call(fn, args)
+        if not j.mode and self._w[_J_STATE]:
+            self.finish_undo()
+        for mode in (J.ATOMIC, J.TX):
+            self.open_bracket(mode)
+            try:
+                r = self._seq_call(fn, args)
+            except JournalFullError:
+                self.close_bracket(False)
+                if mode == J.TX:
+                    raise
+                continue
+            except BaseException:
+                self.close_bracket(False)
+                raise
+            self.close_bracket(True)
+            if self._w[F.H_OBJ_GRAVE] and self.after_op is not None:
+                self.after_op(self)
+            return r
+        raise AssertionError("unreachable")
+
+    def _seq_call(self, fn: Any, args: tuple[Any, ...]) -> Any:
+        """Run ``fn`` with the version counter odd, and even again (one step on) afterwards,
+        whatever happens. Nested calls leave it to the outermost."""
+        if self._obj_depth:
+            self._obj_depth += 1
+            try:
+                return fn(*args)
+            finally:
+                self._obj_depth -= 1
+        w = self._w
+        s = w[_H_OBJ_SEQ]
+        w[_H_OBJ_SEQ] = s | 1  # unlogged: the counter only ever moves on (see _recover)
+        self._obj_depth = 1
+        try:
+            return fn(*args)
+        finally:
+            self._obj_depth = 0
+            self._w[_H_OBJ_SEQ] = (s | 1) + 1  # unlogged: even again, and changed
 
     def run(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` with the lock held (re-entrant): the path of every Heap call. Written
@@ -1206,17 +1272,29 @@ class Heap:
         c = self._live_core()
         return c.run(c.stats)
 
-    def check(self, progress: Any = None) -> None:
+    def check(self, progress: Any = None) -> Any:
         """Verify every invariant; raise CorruptHeapError naming the offset and invariant.
 
         Header fields against each other and the file, the boundary-tag walk, every run, the
         page map and the allocation bitmap, every bin and class list (each free block in its own
         bin once, symmetric links, no cycle: walks are bounded), entries and transaction log
-        naming live blocks, zeros above zero_from. O(blocks + capacity / 60).
+        naming live blocks, zeros above zero_from; then every shared object reachable from the
+        root (pheap.objects). O(blocks + capacity / 60 + objects).
         ``progress(fraction)`` is called now and then on large heaps.
+
+        Returns None, or -- when shared objects are unreachable (left by a process that died
+        holding handles; ``heap.gc()`` reclaims them) -- a report naming them.
         """
         c = self._live_core()
-        c.run(c.check, progress)
+        return c.run(self._check, c, progress)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _check(c: Core, progress: Any) -> Any:
+        c.check(progress)
+        report = None
+        for hook in CHECK_HOOKS:
+            report = hook(c) or report
+        return report
 
     def repair(self) -> str:
         """Make a damaged heap whole where its boundary tags allow; return what was done.

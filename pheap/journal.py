@@ -70,6 +70,7 @@ OP: Final = 1  #: one operation is open (records in the header)
 ATOMIC: Final = 2  #: an atomic bracket is open (records in the header)
 TX: Final = 3  #: a transaction is open (records in the txlog block)
 OUTERMOST: Final = -1  #: the token begin() returns when it opened the operation itself
+FRESH_SPANS: Final = 256  #: freed blocks a bracket tracks before it marks no block fresh
 
 _J_RECORDS: Final = F.J_RECORDS
 _J_STATE: Final = F.J_STATE
@@ -252,7 +253,7 @@ class Journal:
     """
 
     __slots__ = ("w", "_region", "mode", "pos", "base", "end", "durable", "fresh", "freed",
-                 "new_runs", "at_brk", "at_meta", "at_cap", "set", "_crashy")
+                 "freed_spans", "new_runs", "at_brk", "at_meta", "at_cap", "set", "_crashy")
 
     def __init__(self, region: Region, durable: bool = False) -> None:
         self._region = region
@@ -262,10 +263,15 @@ class Journal:
         self.base = _J_RECORDS  #: first record word of the log in use
         self.end = _J_END  #: first word past the log in use
         self.durable = durable  #: msync before and after every commit word
-        #: Slots allocated in the open bracket whose bytes no undo needs: free when the bracket
-        #: began, in a run that existed then (offset -> end). Stores into them are not logged.
+        #: Allocations made in the open bracket whose bytes no undo needs (offset -> end): a slot
+        #: free when the bracket began, in a run that existed then; a block whose words an undo
+        #: needs were journaled when it was taken, and that overlaps nothing freed in the
+        #: bracket. Stores into them are not logged.
         self.fresh: dict[int, int] = {}
         self.freed: set[int] = set()  #: slots freed in the open bracket (never fresh again)
+        #: blocks freed in the open bracket, [start, end) with headers (live when it began,
+        #: maybe: an allocation that overlaps one is not fresh)
+        self.freed_spans: list[tuple[int, int]] = []
         self.new_runs: set[int] = set()  #: runs made in the open bracket (their slots are not
         #: fresh: the run may have been carved from bytes that were live when it began)
         self.at_brk = 0  #: brk when the open bracket began
@@ -456,7 +462,21 @@ class Journal:
     def _forget(self) -> None:
         self.fresh.clear()
         self.freed.clear()
+        self.freed_spans.clear()
         self.new_runs.clear()
+
+    def block_is_fresh(self, start: int, end: int) -> bool:
+        """Whether an allocation made now in the open bracket over [start, end) may be marked
+        fresh: it overlaps no block freed in the bracket, nor the metadata the heap had when the
+        bracket began (wilderness once the heap grew). O(blocks freed in it), and never once
+        more than FRESH_SPANS were freed (then nothing is fresh: only slower, never wrong)."""
+        spans = self.freed_spans
+        if len(spans) > FRESH_SPANS or self.at_meta < end and start < self.at_cap:
+            return False  # (the metadata the bracket began with, now wilderness after a growth)
+        for a, b in spans:
+            if a < end and start < b:
+                return False
+        return True
 
     def reset(self) -> None:
         """Forget the cursors (a forked child, or after recovery): nothing is open."""
