@@ -36,6 +36,7 @@ from .errors import (
     UnpicklingNotAllowedError,
 )
 from .heap import DEFAULT_SIZE, Heap, Session, anonymous, memfd, open, snapshot
+from .objects import SharedCounter, SharedDict, SharedList, SharedObject, SharedQueue
 
 __version__ = "0.2.0"
 
@@ -43,6 +44,11 @@ __all__ = [
     "__version__",
     "Heap",
     "Session",
+    "SharedObject",
+    "SharedDict",
+    "SharedList",
+    "SharedQueue",
+    "SharedCounter",
     "open",
     "snapshot",
     "anonymous",

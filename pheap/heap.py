@@ -48,6 +48,7 @@ from .errors import (
     TransactionTooLargeError,
 )
 from .journal import Journal
+from . import objects as _objects
 from .lock import HeapLock, try_exclusive
 from .region import Region, allocate
 
@@ -883,7 +884,7 @@ def _replace(path: str, tmp: str) -> None:
 
 def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_SIZE,
          max_size: int = 0, mode: int = FILE_MODE, lock_timeout: float | None = None,
-         durability: str = "process") -> Heap:
+         durability: str = "process", allow_pickle: bool = False) -> Heap:
     """Open or create a heap file. ``flag`` as in :mod:`dbm`:
 
     ``'r'`` existing, read-only; ``'w'`` existing, read-write; ``'c'`` read-write, created if
@@ -898,6 +899,10 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
 
     ``durability``: ``"process"`` (every operation survives the death of any process) or
     ``"power"`` (also an OS crash or power loss: an msync around every commit).
+
+    ``allow_pickle``: let shared containers store values of other types by pickling them, and
+    load such values. Off by default: a heap file is untrusted input, and unpickling runs
+    whatever the bytes say. Only for heaps you trust.
     """
     path = os.path.abspath(os.fspath(path))  # pickled handles re-open it from anywhere
     if flag not in ("r", "w", "c", "n"):
@@ -937,6 +942,7 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
                     else:
                         os.close(fd)
                     fd = -1
+                    core.allow_pickle = core.allow_pickle or allow_pickle
                     return Heap(core, readonly, lock_timeout)
             _, cap = F.read_header(fd, path)
             region = Region.open_file(path, cap, readonly=readonly, fd=fd)
@@ -958,6 +964,7 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
                 old = _cores.get(key)
                 if old is None or old.closed or old.readonly:
                     _cores[key] = core
+            core.allow_pickle = allow_pickle
             return Heap(core, readonly, lock_timeout)
         core.close()  # replaced (flag 'n' elsewhere) between our open and our attach: again
     raise FormatError(f"{path}: replaced again and again while opening it")
@@ -997,7 +1004,7 @@ def snapshot(path: str | os.PathLike[str]) -> Heap:
     return Heap(core, True, None)
 
 
-def anonymous(size: int = DEFAULT_SIZE) -> Heap:
+def anonymous(size: int = DEFAULT_SIZE, *, allow_pickle: bool = False) -> Heap:
     """A fixed-capacity heap in anonymous shared memory (``MAP_SHARED``).
 
     Forked children (``os.fork``, multiprocessing's fork start method) share it. It cannot grow:
@@ -1006,10 +1013,13 @@ def anonymous(size: int = DEFAULT_SIZE) -> Heap:
     cap = _capacity_for(size, 0)
     region = Region.new_anonymous(cap)
     Allocator.format_region(region, cap)
-    return Heap(Core(region), False, None)
+    core = Core(region)
+    core.allow_pickle = allow_pickle
+    return Heap(core, False, None)
 
 
-def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap") -> Heap:
+def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap",
+          allow_pickle: bool = False) -> Heap:
     """A growable anonymous heap backed by ``memfd_create`` (Linux). Forked children share it,
     growth included; spawned children and pool workers get it by pickling the heap. Gone when
     the last process closes it. The memfd is sealed against shrinking, so no process can
@@ -1021,14 +1031,16 @@ def memfd(size: int = DEFAULT_SIZE, *, max_size: int = 0, name: str = "pheap") -
     st = os.fstat(region.fd)
     key = (st.st_dev, st.st_ino)
     core = Core(region, key=key)
+    core.allow_pickle = allow_pickle
     with _cores_lock:
         _cores[key] = core
     return Heap(core, False, None)
 
 
 def _reattach_file(path: str, flag: str, lock_timeout: float | None,
-                   durability: str = "process") -> Heap:
-    return open(path, flag, lock_timeout=lock_timeout, durability=durability)
+                   durability: str = "process", allow_pickle: bool = False) -> Heap:
+    return open(path, flag, lock_timeout=lock_timeout, durability=durability,
+                allow_pickle=allow_pickle)
 
 
 def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> Heap:
@@ -1244,6 +1256,56 @@ class Heap:
         """
         c = self._live_core()
         return c.run(c.view, off, n, not self.readonly)
+
+    # -- shared objects (pheap.objects) ----------------------------------------------------------
+
+    @property
+    def root(self) -> Any:
+        """The root dict: the entry point of a persistent heap and the directory of named
+        objects (``heap.root.setdefault("jobs", heap.list())`` finds or makes one). Made on
+        first use; everything it holds persists. (The raw root offset is :attr:`root_offset`.)
+
+        >>> import pheap
+        >>> h = pheap.anonymous()
+        >>> h.root["users"] = {"bob": {"tags": []}}
+        >>> h.root["users"]["bob"]["tags"].append("admin")   # changes the heap
+        >>> h.root
+        {'users': {'bob': {'tags': ['admin']}}}
+        """
+        return _objects.root(self)
+
+    def dict(self, *args: Any, **kw: Any) -> Any:
+        """A new shared dict (:class:`pheap.SharedDict`), from the arguments of ``dict()``.
+        It lives until nothing holds it: store it in the root (or in what the root holds) to
+        keep it."""
+        return _objects.new_dict(self, *args, **kw)
+
+    def list(self, iterable: Any = ()) -> Any:
+        """A new shared list (:class:`pheap.SharedList`)."""
+        return _objects.new_list(self, iterable)
+
+    def queue(self, maxsize: int = 0) -> Any:
+        """A new shared FIFO queue (:class:`pheap.SharedQueue`); 0: unbounded."""
+        return _objects.new_queue(self, maxsize)
+
+    def counter(self, value: int = 0) -> Any:
+        """A new shared counter (:class:`pheap.SharedCounter`)."""
+        return _objects.new_counter(self, value)
+
+    def ndarray(self, shape: Any, dtype: Any = "float64") -> Any:
+        """A zeroed numpy array whose memory is in the heap (needs numpy: ``pheap[numpy]``):
+        the same memory, not a copy, in every process that gets it from a container."""
+        return _objects.new_ndarray(self, shape, dtype)
+
+    def buffer(self, n: int) -> memoryview:
+        """A zeroed, writable memoryview of ``n`` bytes in the heap, storable in containers:
+        :meth:`ndarray` without numpy."""
+        return _objects.new_buffer(self, n)
+
+    def gc(self, dry_run: bool = False) -> Any:
+        """Free the shared objects nothing reaches (left by a process that died holding
+        handles); return counts. ``dry_run`` only counts. O(allocations)."""
+        return _objects.gc(self, dry_run)
 
     # -- entries -------------------------------------------------------------------------------
 
@@ -1473,10 +1535,14 @@ class Heap:
         kind = self.kind
         if kind == "file":
             return (_reattach_file, (self.path, "r" if self.readonly else "w",
-                                     self.lock_timeout, self.durability))
+                                     self.lock_timeout, self.durability,
+                                     self._core.allow_pickle))
         if kind == "memfd":
             from multiprocessing import reduction
 
             return (_reattach_memfd, (reduction.DupFd(self._core.region.fd), self.lock_timeout))
         raise TypeError("an anonymous heap cannot be sent to another process: it is shared with "
                         "forked children only; use pheap.memfd() or a heap file instead")
+
+
+CHECK_HOOKS.append(_objects._check_hook)

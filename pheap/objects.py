@@ -1,0 +1,2154 @@
+"""Shared objects in the heap: dicts, lists, queues, counters and arrays that live in the mapping
+and persist, and the root dict that names them.
+
+Python values are stored as *cells* (:mod:`pheap.codec`): small ints, None, booleans and short
+str/bytes inside the 64-bit cell itself; other values as a *blob* in a slot or block of their
+own; shared objects as a *ref* cell naming the object. A shared object is a block that starts
+with the common header below; its kind says the rest. Every object and every array it owns is
+an allocation of the heap, found from the root, so ``check()`` verifies all of them and
+``gc()`` reclaims what nothing reaches.
+
+Object header (word offsets from the object's offset)
+
+======  =========  ==========================================================================
+word    field      meaning
+======  =========  ==========================================================================
+0       kind       ``MAGIC | kind``: 1 dict, 2 list, 3 queue, 4 counter, 5 array
+1       serial     unique in the heap (``obj_serial`` counter); a handle checks it at every use,
+                   so a handle of a freed object raises ReferenceError, never reads reuse
+2       refs       references from cells of other objects and from the root entry
+3       float_pid  while refs is 0: the process whose handles keep it (0: none)
+4       next       next object waiting in the graveyard (``obj_grave``) to be freed
+5...    (kind)     below
+======  =========  ==========================================================================
+
+================  ====================================================================
+kind              words from 5
+================  ====================================================================
+dict              used, count, entries, ecap, index, mask, version. ``entries`` holds
+                  ``ecap`` entries of 3 words (hash, key cell, value cell) in insertion
+                  order, ``used`` of them written (a deleted one has key cell 0);
+                  ``index`` holds ``mask + 1`` words: 0 empty, ``DUMMY`` deleted, else
+                  entry number + 1. Open addressing with CPython's probe sequence.
+list              len, items, cap, version: ``items`` holds ``cap`` cells, ``len`` used.
+queue             head, len, items, cap, maxsize, puts: a ring of ``cap`` cells.
+counter           value (signed 64-bit, two's complement).
+array             dtype (numpy type string, 8 bytes), ndim, data, nbytes, shape[ndim]:
+                  ``data`` is 64-byte aligned; the first word of its block, 64 bytes
+                  before it, names this header.
+================  ====================================================================
+
+Atomicity. Every change to an object is one operation of :meth:`pheap.heap.Core.op`: under the
+heap lock, inside an undo bracket (all of it or none of it, even if the process dies in the
+middle), with the object version counter (header ``obj_seq``) odd while it runs. Inside
+``heap.transaction()`` or ``heap.atomic()`` the operations join that bracket.
+
+Reads without the lock. On x86-64 (whose stores become visible in program order), reads of
+dicts, lists and counters do not take the lock: they read the version counter, read the
+object, and read the counter again; an odd or changed counter means a writer was inside, and
+the read is tried again (then taken under the lock). Everything a reader follows is bounds-
+checked and every walk is bounded, so a torn read costs a retry, never a crash or a hang.
+Elsewhere reads take the lock.
+
+References and lifetimes. ``refs`` counts the cells that name an object. When it drops to
+zero the object is freed -- unless a handle in the process that dropped it still refers to it:
+then it *floats*, kept by that process (``float_pid``), until the handle goes or it is stored
+again. Objects made by ``heap.dict()`` etc. float until stored. A process that dies leaves its
+floating objects behind; ``check()`` reports them and ``gc()`` frees them. Handles of a freed
+object raise ReferenceError. Freeing is done a bounded step at a time after each operation
+(the graveyard), so freeing a large structure never outgrows a journal.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue as _queue
+import threading
+import time
+import weakref
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    ValuesView,
+)
+from typing import TYPE_CHECKING, Any, Final
+
+from . import codec
+from . import format as F
+from .errors import CorruptHeapError, InvalidPointerError, JournalFullError, PheapError
+
+if TYPE_CHECKING:
+    from .heap import Core, Heap
+
+__all__ = ["SharedObject", "SharedDict", "SharedList", "SharedQueue", "SharedCounter",
+           "new_dict", "new_list", "new_queue", "new_counter", "new_ndarray", "new_buffer",
+           "root", "gc", "check", "reap", "LOCK_FREE_READS"]
+
+# ---------------------------------------------------------------------------------------------
+# Format constants (changing any of these changes the file format)
+# ---------------------------------------------------------------------------------------------
+
+MAGIC: Final = 0x4F42_4A50_4800_0000  #: high bytes of every object's kind word ("PHJBO")
+KIND_MASK: Final = 0xFF  #: low byte of the kind word
+DICT: Final = 1  #: kind of a dict
+LIST: Final = 2  #: kind of a list
+QUEUE: Final = 3  #: kind of a queue
+COUNTER: Final = 4  #: kind of a counter
+ARRAY: Final = 5  #: kind of an array (ndarray / buffer)
+KINDS: Final = {DICT: "dict", LIST: "list", QUEUE: "queue", COUNTER: "counter", ARRAY: "array"}
+
+O_KIND: Final = 0  #: word: MAGIC | kind
+O_SERIAL: Final = 1  #: word: serial number
+O_REFS: Final = 2  #: word: references from cells
+O_FLOAT: Final = 3  #: word: pid keeping a zero-refs object (0: none)
+O_NEXT: Final = 4  #: word: next object in the graveyard
+HEADER_WORDS: Final = 5  #: words of the common header
+
+D_USED, D_COUNT, D_ENTRIES, D_ECAP, D_INDEX, D_MASK, D_VERSION = range(5, 12)
+DICT_WORDS: Final = 12  #: words of a dict's header
+DUMMY: Final = 1 << 63  #: index word of a deleted entry
+ENTRY: Final = 3  #: words of a dict entry
+MIN_TABLE: Final = 8  #: smallest index table (power of two)
+
+L_LEN, L_ITEMS, L_CAP, L_VERSION = range(5, 9)
+LIST_WORDS: Final = 9  #: words of a list's header
+
+Q_HEAD, Q_LEN, Q_ITEMS, Q_CAP, Q_MAXSIZE, Q_PUTS = range(5, 11)
+QUEUE_WORDS: Final = 11  #: words of a queue's header
+
+C_VALUE: Final = 5  #: word of a counter's value
+COUNTER_WORDS: Final = 6  #: words of a counter
+
+A_DTYPE, A_NDIM, A_DATA, A_NBYTES, A_SHAPE = range(5, 10)
+MAX_NDIM: Final = 32  #: most dimensions an array may have (numpy's limit)
+ARRAY_ALIGN: Final = 64  #: alignment of array data, bytes
+
+assert DUMMY > 1 << 48 and MIN_TABLE & (MIN_TABLE - 1) == 0
+
+# ---------------------------------------------------------------------------------------------
+# Tunables (safe to change)
+# ---------------------------------------------------------------------------------------------
+
+#: Whether reads skip the lock (seqlock). Only where stores become visible in program order:
+#: x86 and x86-64 (TSO). Weaker CPUs (ARM, POWER) read under the lock.
+LOCK_FREE_READS: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+READ_TRIES: Final = 3  #: lock-free tries before a read takes the lock
+REAP_STEP: Final = 16  #: cells a graveyard step frees at most (bounded journal use; a step
+#: that still outgrows the operation journal is undone and tried again with half as many)
+QUEUE_POLL_MIN: Final = 0.0002  #: first sleep of a waiting get/put, s
+QUEUE_POLL_MAX: Final = 0.005  #: longest sleep between looks (a waiter wakes within it), s
+
+#: Functions of this module that store into the mapping without the journal, and why that is
+#: safe (tests/test_allocator.py reads this list against the source).
+UNJOURNALED: Final = {
+    "_fill": "bytes of a new allocation: logged first (Journal.log_range) unless fresh",
+    "_dict_insert": "an entry past 'used', which nothing reads until the journaled 'used' "
+                    "store publishes it (an undo puts 'used' back: the entry is garbage again)",
+    "_list_append": "a cell past 'len', published by the journaled 'len' store",
+    "_queue_put": "a cell past the ring's used part, published by the journaled 'len' store",
+    "_new_obj": "the header of an object just allocated in the operation (fresh or logged)",
+}
+
+_get_ident = threading.get_ident
+_MISSING: Final = object()
+_TORN: Final = object()
+
+
+class _Torn(Exception):
+    """A lock-free read met a half-written structure (raised inside readers, never escapes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-core state
+# ---------------------------------------------------------------------------------------------
+
+
+class _State:
+    """The object layer's state for one core (one mapped heap in this process)."""
+
+    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "pid", "heap", "lock",
+                 "__weakref__")
+
+    def __init__(self, core: Core, heap: Heap) -> None:
+        self.core = core
+        self.heap = heap  #: a handle to build object handles with (pickling re-attaches it)
+        w = core._w
+        secret = bytes(core.region.mm[F.H_SECRET * 8:F.H_SECRET * 8 + 16])
+        self.hasher = codec.StableHasher(secret)
+        self.handles: weakref.WeakValueDictionary[int, SharedObject] = \
+            weakref.WeakValueDictionary()
+        self.floating: dict[int, Any] = {}  # off -> weakref.finalize of its handle
+        self.to_bury: list[int] = []  # floating objects whose handles are gone
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        del w
+
+
+def _state(heap: Heap | None, core: Core | None = None) -> _State:
+    if core is None:
+        assert heap is not None
+        core = heap._live_core()
+    st = core.objects
+    if st is None:
+        st = core.objects = _State(core, heap)  # type: ignore[arg-type]
+        core.after_op = _after_op
+    elif st.pid != os.getpid():  # a forked child: the handles stay, this process's keeps go
+        st.pid = os.getpid()
+        st.floating = {}
+        st.to_bury = []
+        st.lock = threading.Lock()
+    if st.heap is None and heap is not None:
+        st.heap = heap
+    return st  # type: ignore[no-any-return]
+
+
+def _after_op(core: Core) -> None:
+    """After an operation committed (still under the lock): bury floating objects whose last
+    handle here is gone, and free a step of the graveyard. Readers see it as a change."""
+    st = core.objects
+    if st is not None and (st.to_bury or core._w[F.H_OBJ_GRAVE]):
+        core._seq_call(reap, (st, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells: storing values, loading them, dropping them
+# ---------------------------------------------------------------------------------------------
+
+
+def _fill(st: _State, p: int, data: bytes | memoryview) -> None:
+    """Write ``data`` at ``p``, a new allocation of this operation (logged unless fresh)."""
+    c = st.core
+    n = len(data)
+    c._j.log_range(p, n)
+    c.region.mm[p:p + n] = data
+
+
+def _store(st: _State, v: Any) -> int:
+    """The cell for ``v`` in a container (inside an operation): an immediate, a ref (the
+    object's refs go up; a plain dict/list/array becomes a shared copy), or a new blob."""
+    c = codec.cell(v)
+    if c is not None:
+        return c
+    if isinstance(v, SharedObject):
+        off = v._attach_to(st)
+        _incref(st, off)
+        return codec.ref_cell(off)
+    r = _ref_of(st, v)
+    if r is not None:
+        return r
+    blob = codec.encode(v, ref=lambda x: _ref_of(st, x), allow_pickle=st.core.allow_pickle)
+    p = st.core.jmalloc(len(blob))
+    _fill(st, p, blob)
+    return p
+
+
+def _ref_of(st: _State, v: Any) -> int | None:
+    """A ref cell for a value that is (or becomes) a shared object, refs counted; else None."""
+    if isinstance(v, SharedObject):
+        off = v._attach_to(st)
+        _incref(st, off)
+        return codec.ref_cell(off)
+    t = type(v)
+    if t is dict:
+        off = _dict_new(st, v.items(), refs=1)
+        return codec.ref_cell(off)
+    if t is list:
+        off = _list_new(st, v, refs=1)
+        return codec.ref_cell(off)
+    off = _array_of(st, v)
+    if off:
+        _incref(st, off)
+        return codec.ref_cell(off)
+    return None
+
+
+def _load(st: _State, c: int) -> Any:
+    """The value of cell ``c`` (any context; under the lock or inside a lock-free read)."""
+    t = c & 7
+    if c & 1 or t == 2:
+        return codec.from_cell(c)
+    if t == 4:
+        return _handle(st, codec.ref_offset(c))
+    if t or not c:
+        raise CorruptHeapError(f"cell {c:#x} is neither a value, a blob nor a ref")
+    core = st.core
+    n = core.live_size(c)
+    return codec.decode(core.region.b[c:c + n], deref=lambda off: _handle(st, off),
+                        allow_pickle=core.allow_pickle)
+
+
+def _drop(st: _State, c: int) -> None:
+    """A cell leaves its container (inside an operation): free its blob, or drop a reference."""
+    if not c or c & 1 or c & 7 == 2:
+        return
+    if c & 7 == 4:
+        _decref(st, codec.ref_offset(c))
+        return
+    core = st.core
+    n = core.live_size(c)
+    refs = codec.blob_refs(core.region.b[c:c + n])
+    for off in refs:
+        _decref(st, off)
+    core.jfree(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects: making them, references, the graveyard
+# ---------------------------------------------------------------------------------------------
+
+
+def _new_obj(st: _State, kind: int, nwords: int, refs: int = 0) -> int:
+    """Allocate and initialise the header of a new object (inside an operation). With refs 0
+    it floats, kept by this process."""
+    core = st.core
+    p = core.jmalloc(nwords * 8)
+    w = core._w
+    serial = w[F.H_OBJ_SERIAL] + 1
+    core._j.set(F.H_OBJ_SERIAL, serial)
+    data = bytearray(nwords * 8)
+    for i, v in ((O_KIND, MAGIC | kind), (O_SERIAL, serial), (O_REFS, refs),
+                 (O_FLOAT, 0 if refs else st.pid)):
+        data[i * 8:i * 8 + 8] = v.to_bytes(8, "little")
+    _fill(st, p, data)
+    return p
+
+
+def _kind_at(w: memoryview, o: int) -> int:
+    k = w[o]
+    return k & KIND_MASK if k & ~KIND_MASK == MAGIC else 0
+
+
+def _incref(st: _State, off: int) -> None:
+    core = st.core
+    w = core._w
+    o = off >> 3
+    st_ = core._j.set
+    refs = w[o + O_REFS]
+    st_(o + O_REFS, refs + 1)
+    if not refs and w[o + O_FLOAT]:
+        st_(o + O_FLOAT, 0)  # stored: no longer kept by a process
+        fin = st.floating.pop(off, None)
+        if fin is not None:
+            fin.detach()
+
+
+def _decref(st: _State, off: int) -> None:
+    core = st.core
+    w = core._w
+    o = off >> 3
+    refs = w[o + O_REFS]
+    if refs == 0:
+        raise CorruptHeapError(f"offset {off}: object's reference count is 0 and drops again")
+    core._j.set(o + O_REFS, refs - 1)
+    if refs == 1:
+        h = st.handles.get(off)
+        if h is not None:  # a handle here still uses it: it floats, kept by this process
+            core._j.set(o + O_FLOAT, st.pid)
+            _watch_float(st, h)
+        else:
+            _bury(st, off)
+
+
+def _bury(st: _State, off: int) -> None:
+    """Put an object without references in the graveyard (freed a step at a time) and make
+    every handle of it stale (its serial goes)."""
+    core = st.core
+    w = core._w
+    o = off >> 3
+    core._j.set(o + O_SERIAL, 0)
+    core._j.set(o + O_NEXT, w[F.H_OBJ_GRAVE])
+    core._j.set(F.H_OBJ_GRAVE, off)
+
+
+def _watch_float(st: _State, h: SharedObject) -> None:
+    """When the last handle of floating object ``h`` goes, bury it at the next operation."""
+    off = h._off
+    if off in st.floating:
+        return
+    st.floating[off] = weakref.finalize(h, st.to_bury.append, off)
+
+
+def reap(st: _State, steps: int = 1 << 62) -> int:
+    """Free up to ``steps`` bounded steps of the graveyard, each its own operation; return the
+    steps done. The lock is held by the caller."""
+    core = st.core
+    done = 0
+    _bury_dropped(st)
+    step = REAP_STEP
+    while done < steps and core._w[F.H_OBJ_GRAVE]:
+        try:
+            core._bracket(_reap_step, st, step)
+        except JournalFullError:
+            if step == 1:
+                raise
+            step = max(1, step // 2)
+            continue
+        done += 1
+    return done
+
+
+def _bury_dropped(st: _State) -> None:
+    """Floating objects whose last handle in this process is gone go to the graveyard."""
+    core = st.core
+    while st.to_bury:
+        off = st.to_bury.pop()
+        st.floating.pop(off, None)
+        h = st.handles.get(off)
+        if h is not None:  # a new handle of it appeared meanwhile (an unpickled one)
+            _watch_float(st, h)
+            continue
+        w = core._w
+        o = off >> 3
+        try:
+            if _kind_at(w, o) and w[o + O_REFS] == 0 and w[o + O_FLOAT] == st.pid:
+                core._bracket(_bury_one, st, off)
+        except IndexError:
+            pass
+
+
+def _bury_one(st: _State, off: int) -> None:
+    core = st.core
+    core._j.set((off >> 3) + O_FLOAT, 0)
+    _bury(st, off)
+
+
+def _reap_step(st: _State, left: int) -> None:
+    """Free a bounded part (``left`` cells) of the first object in the graveyard (one
+    operation)."""
+    core = st.core
+    w = core._w
+    off = w[F.H_OBJ_GRAVE]
+    o = off >> 3
+    kind = _kind_at(w, o)
+    if kind == DICT:
+        used = w[o + D_USED]
+        ent = w[o + D_ENTRIES] >> 3
+        while used and left:
+            used -= 1
+            b = ent + ENTRY * used
+            k, v = w[b + 1], w[b + 2]
+            if k:
+                core._j.set(b + 1, 0)
+                _drop(st, k)
+                _drop(st, v)
+                left -= 2
+            core._j.set(o + D_USED, used)
+        if used:
+            return
+        _free_arrays(st, o, (D_ENTRIES, D_INDEX))
+    elif kind in (LIST, QUEUE):
+        n_at, items_at, cap_at = (L_LEN, L_ITEMS, L_CAP) if kind == LIST else \
+            (Q_LEN, Q_ITEMS, Q_CAP)
+        n = w[o + n_at]
+        items = w[o + items_at] >> 3
+        head = w[o + Q_HEAD] if kind == QUEUE else 0
+        cap = w[o + cap_at] or 1
+        while n and left:
+            n -= 1
+            i = items + ((head + n) % cap if kind == QUEUE else n)
+            _drop(st, w[i])
+            core._j.set(o + n_at, n)
+            left -= 1
+        if n:
+            return
+        _free_arrays(st, o, (items_at,))
+    elif kind == ARRAY:
+        data = w[o + A_DATA]
+        if data:
+            core._j.set(o + A_DATA, 0)
+            core.jfree(data - ARRAY_ALIGN)
+    elif kind != COUNTER:
+        raise CorruptHeapError(f"offset {off}: the graveyard holds something that is not an "
+                               "object")
+    core._j.set(F.H_OBJ_GRAVE, w[o + O_NEXT])
+    core._j.set(o + O_KIND, 0)  # no longer an object (a stray handle's check fails)
+    core.jfree(off)
+
+
+def _free_arrays(st: _State, o: int, fields: tuple[int, ...]) -> None:
+    core = st.core
+    w = core._w
+    for f in fields:
+        p = w[o + f]
+        if p:
+            core._j.set(o + f, 0)
+            core.jfree(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading without the lock
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, a pure reader: without the lock when that is safe (see the module
+    docstring), else under it. ``fn`` returns _MISSING rather than raising for a missing key."""
+    core = st.core
+    if core.held == _get_ident() or not LOCK_FREE_READS:
+        return core.run(fn, *args) if core.held != _get_ident() else fn(*args)
+    for _ in range(READ_TRIES):
+        w = core._w
+        s = w[F.H_OBJ_SEQ]
+        if s & 1:
+            break
+        try:
+            r = fn(*args)
+        except (IndexError, _Torn, CorruptHeapError, ValueError, TypeError, OverflowError,
+                UnicodeDecodeError, ReferenceError, MemoryError, InvalidPointerError):
+            r = _TORN
+        if core._w[F.H_OBJ_SEQ] == s and r is not _TORN and core._w is w:
+            return r
+        if core._w[F.H_GENERATION] != core._gen:
+            break  # another process grew the heap: the lock remaps
+    return core.run(fn, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handles
+# ---------------------------------------------------------------------------------------------
+
+
+def _handle(st: _State, off: int) -> Any:
+    """The Python object for the shared object at ``off`` (one handle per object per process;
+    an array loads as a numpy array)."""
+    h = st.handles.get(off)
+    w = st.core._w
+    o = off >> 3
+    kind = _kind_at(w, o)
+    if h is not None and h._serial == w[o + O_SERIAL] and h._serial:
+        return h
+    if kind == ARRAY:
+        return _array_view(st, off)
+    cls = _CLASSES.get(kind)
+    if cls is None:
+        raise CorruptHeapError(f"offset {off}: a ref cell names something that is not a shared "
+                               "object")
+    h = object.__new__(cls)
+    h._st = st
+    h._off = off
+    h._serial = w[o + O_SERIAL]
+    st.handles[off] = h
+    return h
+
+
+class SharedObject:
+    """Base of the handles of shared objects. A handle names an object in a heap by offset and
+    serial number; it re-attaches in other processes when pickled (the heap re-attaches with
+    it: file heaps by path, memfd heaps by descriptor)."""
+
+    __slots__ = ("_st", "_off", "_serial", "__weakref__")
+    _kind: int = 0
+
+    def _o(self) -> int:
+        """The object's word index, after checking it is still this object. O(1)."""
+        w = self._st.core._w
+        o = self._off >> 3
+        if w[o] != MAGIC | self._kind or w[o + O_SERIAL] != self._serial:
+            raise ReferenceError(f"the shared {KINDS[self._kind]} at offset {self._off} was "
+                                 "freed (nothing referred to it any more)")
+        return o
+
+    def _attach_to(self, st: _State) -> int:
+        if st is not self._st and st.core is not self._st.core:
+            raise PheapError(f"a shared {KINDS[self._kind]} of another heap cannot be stored "
+                             "here; copy it (dict(d), list(l)) first")
+        self._o()
+        return self._off
+
+    @property
+    def offset(self) -> int:
+        """Offset of the object in its heap (stable for its lifetime)."""
+        return self._off
+
+    @property
+    def heap(self) -> Heap:
+        """The heap the object lives in."""
+        return self._st.heap
+
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._st.core.op(fn, self, *args)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reattach, (self._st.heap, self._off, self._serial, self._kind))
+
+    def __copy__(self) -> SharedObject:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self.copy()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:  # mutable containers are unhashable, like dict and list
+        raise TypeError(f"unhashable type: '{type(self).__name__}'")
+
+
+def _reattach(heap: Heap, off: int, serial: int, kind: int) -> SharedObject:
+    st = _state(heap)
+    h = _handle(st, off)
+    if not isinstance(h, SharedObject) or h._serial != serial or h._kind != kind:
+        raise ReferenceError(f"the shared {KINDS.get(kind, 'object')} at offset {off} was freed "
+                             "before this handle arrived")
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# dict
+# ---------------------------------------------------------------------------------------------
+
+
+def _table_for(n: int) -> int:
+    """Index table size (a power of two) holding ``n`` entries at load <= 2/3."""
+    t = MIN_TABLE
+    while t * 2 // 3 < n:
+        t <<= 1
+    return t
+
+
+def _dict_new(st: _State, items: Iterable[tuple[Any, Any]] = (), refs: int = 0) -> int:
+    """A new dict holding ``items`` (inside an operation); its offset."""
+    items = list(items)
+    off = _new_obj(st, DICT, DICT_WORDS, refs)
+    core = st.core
+    o = off >> 3
+    _dict_alloc(st, o, _table_for(max(len(items), 1)))
+    for k, v in items:
+        _dict_set(st, o, k, v)
+    return off
+
+
+def _dict_alloc(st: _State, o: int, table: int) -> None:
+    """Give the dict at word ``o`` (empty) new, zeroed arrays for a table of ``table`` slots."""
+    core = st.core
+    ecap = table * 2 // 3
+    ent = core.jmalloc(ecap * ENTRY * 8)
+    idx = core.jmalloc(table * 8)
+    _fill(st, idx, bytes(table * 8))
+    s = core._j.set
+    s(o + D_USED, 0)
+    s(o + D_COUNT, 0)
+    s(o + D_ENTRIES, ent)
+    s(o + D_ECAP, ecap)
+    s(o + D_INDEX, idx)
+    s(o + D_MASK, table - 1)
+    s(o + D_VERSION, core._w[o + D_VERSION] + 1)
+
+
+def _key_parts(st: _State, key: Any) -> tuple[int, int | None, bytes | None]:
+    """(hash, immediate cell or None, blob bytes or None) of a key; TypeError if unhashable."""
+    h = st.hasher(key)
+    kc = codec.cell(key)
+    if kc is not None:
+        return h, kc, None
+    if isinstance(key, SharedObject):
+        raise TypeError(f"unhashable type: '{type(key).__name__}'")
+    return h, None, codec.encode(key, allow_pickle=st.core.allow_pickle)
+
+
+def _dict_find(st: _State, o: int, h: int, kc: int | None, kb: bytes | None,
+               key: Any) -> tuple[int, int]:
+    """(entry number or -1, index slot: the key's, or where it goes). Pure read, bounded."""
+    core = st.core
+    w = core._w
+    mask = w[o + D_MASK]
+    idx = w[o + D_INDEX] >> 3
+    ent = w[o + D_ENTRIES] >> 3
+    used = w[o + D_USED]
+    i = h & mask
+    perturb = h
+    free = -1
+    mm = core.region.mm
+    for _ in range(mask + 2):
+        e = w[idx + i]
+        if e == 0:
+            return -1, free if free >= 0 else i
+        if e == DUMMY:
+            if free < 0:
+                free = i
+        elif e <= used:
+            b = ent + ENTRY * (e - 1)
+            if w[b] == h:
+                ek = w[b + 1]
+                if ek and (ek == kc or kb is not None and not ek & 7 and
+                           mm[ek:ek + len(kb)] == kb or _same_key(st, ek, key)):
+                    return e - 1, i
+        perturb >>= 5
+        i = (i * 5 + perturb + 1) & mask
+    raise CorruptHeapError(f"offset {o * 8}: dict index has no empty slot (probe did not end)")
+
+
+def _same_key(st: _State, ek: int, key: Any) -> bool:
+    """Equal hashes, different encodings: equal values of different types (1, 1.0, True)?"""
+    try:
+        return bool(_load(st, ek) == key)
+    except (CorruptHeapError, ReferenceError):
+        return False
+
+
+def _dict_get(st: _State, d: SharedDict, key: Any) -> Any:
+    o = d._o()
+    h, kc, kb = _key_parts(st, key)
+    e, _ = _dict_find(st, o, h, kc, kb, key)
+    if e < 0:
+        return _MISSING
+    w = st.core._w
+    return _load(st, w[(w[o + D_ENTRIES] >> 3) + ENTRY * e + 2])
+
+
+def _dict_set(st: _State, o: int, key: Any, value: Any) -> None:
+    core = st.core
+    h, kc, kb = _key_parts(st, key)
+    e, slot = _dict_find(st, o, h, kc, kb, key)
+    w = core._w
+    if e >= 0:
+        b = (w[o + D_ENTRIES] >> 3) + ENTRY * e
+        old = w[b + 2]
+        new = _store(st, value)
+        core._j.set(b + 2, new)
+        _drop(st, old)
+        return
+    if w[o + D_USED] >= w[o + D_ECAP]:
+        _dict_resize(st, o, w[o + D_COUNT] + 1)
+        e, slot = _dict_find(st, o, h, kc, kb, key)
+    new = _store(st, value)
+    if kc is None:
+        assert kb is not None
+        kc = core.jmalloc(len(kb))
+        _fill(st, kc, kb)
+    _dict_insert(st, o, slot, h, kc, new)
+
+
+def _dict_insert(st: _State, o: int, slot: int, h: int, kc: int, vc: int) -> None:
+    core = st.core
+    w = core._w
+    used = w[o + D_USED]
+    b = (w[o + D_ENTRIES] >> 3) + ENTRY * used
+    w[b] = h  # unlogged: past 'used', published by the store of 'used' below
+    w[b + 1] = kc  # unlogged: past 'used'
+    w[b + 2] = vc  # unlogged: past 'used'
+    s = core._j.set
+    s((w[o + D_INDEX] >> 3) + slot, used + 1)
+    s(o + D_USED, used + 1)
+    s(o + D_COUNT, w[o + D_COUNT] + 1)
+    s(o + D_VERSION, w[o + D_VERSION] + 1)
+
+
+def _dict_del(st: _State, o: int, key: Any) -> Any:
+    """Delete ``key``; return its value cell's value (loaded first), or _MISSING."""
+    core = st.core
+    h, kc, kb = _key_parts(st, key)
+    e, slot = _dict_find(st, o, h, kc, kb, key)
+    if e < 0:
+        return _MISSING
+    w = core._w
+    b = (w[o + D_ENTRIES] >> 3) + ENTRY * e
+    k, v = w[b + 1], w[b + 2]
+    value = _load(st, v)
+    s = core._j.set
+    s(b + 1, 0)
+    s(b + 2, 0)
+    s((w[o + D_INDEX] >> 3) + slot, DUMMY)
+    count = w[o + D_COUNT] - 1
+    s(o + D_COUNT, count)
+    s(o + D_VERSION, w[o + D_VERSION] + 1)
+    _drop(st, k)
+    if isinstance(value, SharedObject) and value._off in st.handles:
+        pass  # the handle we return keeps it (floating) if this was its last reference
+    _drop(st, v)
+    if count < w[o + D_ECAP] // 8 and w[o + D_MASK] + 1 > MIN_TABLE:
+        _dict_resize(st, o, count)
+    return value
+
+
+def _dict_resize(st: _State, o: int, need: int) -> None:
+    """New arrays for at least ``need`` entries (twice that, for room), entries compacted in
+    order, index rebuilt; the old arrays freed. O(entries)."""
+    core = st.core
+    w = core._w
+    table = _table_for(max(need * 2, 1))
+    ecap = table * 2 // 3
+    old_ent, old_idx, used = w[o + D_ENTRIES], w[o + D_INDEX], w[o + D_USED]
+    live = []
+    oe = old_ent >> 3
+    for e in range(used):
+        b = oe + ENTRY * e
+        if w[b + 1]:
+            live.append((w[b], w[b + 1], w[b + 2]))
+    ent = core.jmalloc(ecap * ENTRY * 8)
+    idx = core.jmalloc(table * 8)
+    mask = table - 1
+    index = [0] * table
+    flat = []
+    for n, (h, k, v) in enumerate(live):
+        flat += (h, k, v)
+        i = h & mask
+        perturb = h
+        while index[i]:
+            perturb >>= 5
+            i = (i * 5 + perturb + 1) & mask
+        index[i] = n + 1
+    _fill(st, idx, _words(index))
+    if flat:
+        _fill(st, ent, _words(flat))
+    s = core._j.set
+    s(o + D_ENTRIES, ent)
+    s(o + D_ECAP, ecap)
+    s(o + D_INDEX, idx)
+    s(o + D_MASK, mask)
+    s(o + D_USED, len(live))
+    s(o + D_COUNT, len(live))
+    s(o + D_VERSION, w[o + D_VERSION] + 1)
+    core.jfree(old_ent)
+    core.jfree(old_idx)
+
+
+def _words(values: list[int]) -> bytes:
+    import array
+
+    a = array.array("Q", values)
+    return a.tobytes()
+
+
+def _dict_items(st: _State, d: SharedDict, which: int) -> list[Any]:
+    """A list of the keys (0), values (1) or (key, value) pairs (2): one consistent read."""
+    o = d._o()
+    w = st.core._w
+    used = w[o + D_USED]
+    ent = w[o + D_ENTRIES] >> 3
+    if used > w[o + D_ECAP]:
+        raise _Torn
+    out = []
+    for e in range(used):
+        b = ent + ENTRY * e
+        k = w[b + 1]
+        if not k:
+            continue
+        if which == 0:
+            out.append(_load(st, k))
+        elif which == 1:
+            out.append(_load(st, w[b + 2]))
+        else:
+            out.append((_load(st, k), _load(st, w[b + 2])))
+    return out
+
+
+def _dict_meta(st: _State, d: SharedDict) -> tuple[int, int]:
+    o = d._o()
+    w = st.core._w
+    return w[o + D_COUNT], w[o + D_VERSION]
+
+
+class SharedDict(SharedObject, MutableMapping[Any, Any]):
+    """A dict in the heap: insertion order, views, ``==`` with dicts, ``|``, every method of
+    dict. Keys and values are stored with :mod:`pheap.codec` (str, bytes, int, float, tuple,
+    None, bool..., and shared objects as values); a plain dict or list stored as a value
+    becomes a shared copy. Costs as dict's, plus the lock (or a lock-free read) per call.
+
+    >>> import pheap
+    >>> h = pheap.anonymous()
+    >>> d = h.dict(a=1)
+    >>> d["b"] = [1, 2]          # a shared copy of the list
+    >>> d["b"].append(3)
+    >>> d
+    {'a': 1, 'b': [1, 2, 3]}
+    """
+
+    __slots__ = ()
+    _kind = DICT
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        st = self._st
+        r = _read(st, _dict_get, st, self, key)
+        if r is _MISSING:
+            raise KeyError(key)
+        return r
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        st = self._st
+        r = _read(st, _dict_get, st, self, key)
+        return default if r is _MISSING else r
+
+    def __contains__(self, key: Any) -> bool:
+        st = self._st
+        try:
+            return _read(st, _dict_get, st, self, key) is not _MISSING
+        except TypeError:
+            raise
+
+    def __len__(self) -> int:
+        st = self._st
+        return int(_read(st, _dict_meta, st, self)[0])
+
+    def __iter__(self) -> Iterator[Any]:
+        st = self._st
+        _, version = _read(st, _dict_meta, st, self)
+        keys = _read(st, _dict_items, st, self, 0)
+        for k in keys:
+            if _read(st, _dict_meta, st, self)[1] != version:
+                raise RuntimeError("dictionary changed size during iteration")
+            yield k
+
+    def __reversed__(self) -> Iterator[Any]:
+        return reversed(self.copy())
+
+    def keys(self) -> KeysView[Any]:
+        return KeysView(self)
+
+    def values(self) -> ValuesView[Any]:
+        return ValuesView(self)
+
+    def items(self) -> ItemsView[Any, Any]:
+        return ItemsView(self)
+
+    def copy(self) -> dict[Any, Any]:
+        """A plain dict with the same items (one consistent read). O(n)."""
+        st = self._st
+        return dict(_read(st, _dict_items, st, self, 2))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SharedDict):
+            return self.copy() == other.copy()
+        if isinstance(other, Mapping):
+            return self.copy() == dict(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        r = self.__eq__(other)
+        return r if r is NotImplemented else not r
+
+    def __repr__(self) -> str:
+        try:
+            return repr(self.copy())
+        except ReferenceError:
+            return f"<freed pheap.SharedDict at offset {self._off}>"
+
+    def __or__(self, other: Any) -> dict[Any, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        d = self.copy()
+        d.update(other)
+        return d
+
+    def __ror__(self, other: Any) -> dict[Any, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        d = dict(other)
+        d.update(self.copy())
+        return d
+
+    def __ior__(self, other: Any) -> SharedDict:
+        self.update(other)
+        return self
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._op(_set_item, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        if self._op(_del_item, key) is _MISSING:
+            raise KeyError(key)
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        r = self._op(_del_item, key)
+        if r is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return r
+
+    def popitem(self) -> tuple[Any, Any]:
+        r = self._op(_pop_last)
+        if r is _MISSING:
+            raise KeyError("popitem(): dictionary is empty")
+        return r  # type: ignore[no-any-return]
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        return self._op(_setdefault, key, default)
+
+    def update(self, other: Any = (), /, **kw: Any) -> None:
+        if isinstance(other, Mapping):
+            items = list(other.items())
+        elif hasattr(other, "keys"):
+            items = [(k, other[k]) for k in other.keys()]
+        else:
+            items = []
+            for pair in other:
+                pair = tuple(pair)
+                if len(pair) != 2:
+                    raise ValueError(f"dictionary update sequence element has length "
+                                     f"{len(pair)}; 2 is required")
+                items.append(pair)
+        items += kw.items()
+        if items:
+            self._op(_update, items)
+
+    def clear(self) -> None:
+        self._op(_clear)
+
+    def fromkeys(self, iterable: Iterable[Any], value: Any = None) -> SharedDict:
+        """A new shared dict in the same heap with keys from ``iterable``, each set to
+        ``value`` (called on a dict, as ``d.fromkeys(...)``: the heap comes from it)."""
+        return new_dict(self._st.heap, dict.fromkeys(iterable, value))
+
+
+def _set_item(d: SharedDict, key: Any, value: Any) -> None:
+    _dict_set(d._st, d._o(), key, value)
+
+
+def _del_item(d: SharedDict, key: Any) -> Any:
+    return _dict_del(d._st, d._o(), key)
+
+
+def _update(d: SharedDict, items: list[tuple[Any, Any]]) -> None:
+    st = d._st
+    o = d._o()
+    for k, v in items:
+        _dict_set(st, o, k, v)
+
+
+def _setdefault(d: SharedDict, key: Any, default: Any) -> Any:
+    st = d._st
+    r = _dict_get(st, d, key)
+    if r is not _MISSING:
+        return r
+    _dict_set(st, d._o(), key, default)
+    return _dict_get(st, d, key)
+
+
+def _pop_last(d: SharedDict) -> Any:
+    st = d._st
+    o = d._o()
+    w = st.core._w
+    ent = w[o + D_ENTRIES] >> 3
+    for e in range(w[o + D_USED] - 1, -1, -1):
+        k = w[ent + ENTRY * e + 1]
+        if k:
+            key = _load(st, k)
+            return key, _dict_del(st, o, key)
+    return _MISSING
+
+
+def _clear(d: SharedDict) -> None:
+    st = d._st
+    o = d._o()
+    core = st.core
+    w = core._w
+    used = w[o + D_USED]
+    ent = w[o + D_ENTRIES] >> 3
+    cells = []
+    for e in range(used):
+        b = ent + ENTRY * e
+        if w[b + 1]:
+            cells += (w[b + 1], w[b + 2])
+    old_ent, old_idx = w[o + D_ENTRIES], w[o + D_INDEX]
+    _dict_alloc(st, o, MIN_TABLE)
+    core.jfree(old_ent)
+    core.jfree(old_idx)
+    for c in cells:
+        _drop(st, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# list
+# ---------------------------------------------------------------------------------------------
+
+
+def _list_new(st: _State, items: Iterable[Any] = (), refs: int = 0) -> int:
+    items = list(items)
+    off = _new_obj(st, LIST, LIST_WORDS, refs)
+    o = off >> 3
+    core = st.core
+    cap = max(4, len(items))
+    arr = core.jmalloc(cap * 8)
+    s = core._j.set
+    s(o + L_LEN, 0)
+    s(o + L_ITEMS, arr)
+    s(o + L_CAP, cap)
+    s(o + L_VERSION, 0)
+    if items:
+        cells = [_store(st, v) for v in items]
+        _fill(st, arr, _words(cells))
+        s(o + L_LEN, len(cells))
+    return off
+
+
+def _list_cells(st: _State, o: int) -> list[int]:
+    w = st.core._w
+    n = w[o + L_LEN]
+    if n > w[o + L_CAP]:
+        raise _Torn
+    items = w[o + L_ITEMS] >> 3
+    return list(w[items:items + n])
+
+
+def _list_values(st: _State, lst: SharedList) -> list[Any]:
+    o = lst._o()
+    return [_load(st, c) for c in _list_cells(st, o)]
+
+
+def _list_len(st: _State, lst: SharedList) -> int:
+    return int(st.core._w[lst._o() + L_LEN])
+
+
+def _list_get(st: _State, lst: SharedList, i: int) -> Any:
+    o = lst._o()
+    w = st.core._w
+    n = w[o + L_LEN]
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        return _MISSING
+    if n > w[o + L_CAP]:
+        raise _Torn
+    return _load(st, w[(w[o + L_ITEMS] >> 3) + i])
+
+
+def _list_append(st: _State, o: int, values: list[Any]) -> None:
+    core = st.core
+    w = core._w
+    n = w[o + L_LEN]
+    need = n + len(values)
+    if need > w[o + L_CAP]:
+        _list_grow(st, o, need)
+        w = core._w
+    items = w[o + L_ITEMS] >> 3
+    for v in values:
+        w[items + n] = _store(st, v)  # unlogged: past 'len', published by its store below
+        n += 1
+        w = core._w
+    core._j.set(o + L_LEN, n)
+    core._j.set(o + L_VERSION, w[o + L_VERSION] + 1)
+
+
+def _list_grow(st: _State, o: int, need: int) -> None:
+    """Room for ``need`` cells: a new array 1.5 times larger, the cells copied. O(len)."""
+    core = st.core
+    w = core._w
+    cap = max(need, w[o + L_CAP] + (w[o + L_CAP] >> 1) + 4)
+    old = w[o + L_ITEMS]
+    new = core.jmalloc(cap * 8)
+    n = w[o + L_LEN]
+    if n:
+        _fill(st, new, bytes(core.region.mm[old:old + n * 8]))
+    core._j.set(o + L_ITEMS, new)
+    core._j.set(o + L_CAP, cap)
+    core.jfree(old)
+
+
+def _list_replace(st: _State, o: int, cells: list[int]) -> None:
+    """Make the list hold exactly ``cells`` (cells it held and no longer does are dropped by
+    the caller). One logged copy of the array."""
+    core = st.core
+    w = core._w
+    if len(cells) > w[o + L_CAP]:
+        _list_grow(st, o, len(cells))
+        w = core._w
+    items = w[o + L_ITEMS]
+    if cells:
+        data = _words(cells)
+        core._j.log_range(items, len(data))
+        core.region.mm[items:items + len(data)] = data
+    core._j.set(o + L_LEN, len(cells))
+    core._j.set(o + L_VERSION, w[o + L_VERSION] + 1)
+
+
+def _list_assign(lst: SharedList, fn: Callable[[list[Any]], list[Any] | None]) -> Any:
+    """Run ``fn`` on a plain copy of the list's values and store the result (values that are
+    kept keep their cells; new ones are stored; dropped ones freed). Inside an operation."""
+    st = lst._st
+    o = lst._o()
+    cells = _list_cells(st, o)
+    values = [_load(st, c) for c in cells]
+    before = list(values)
+    result = fn(values)
+    # keep the cells of values that stay (by identity), store the rest
+    pool: dict[int, list[int]] = {}
+    for v, c in zip(before, cells, strict=True):
+        pool.setdefault(id(v), []).append(c)
+    new_cells = []
+    for v in values:
+        lst_ = pool.get(id(v))
+        new_cells.append(lst_.pop() if lst_ else _store(st, v))
+    _list_replace(st, o, new_cells)
+    for left in pool.values():
+        for c in left:
+            _drop(st, c)
+    return result
+
+
+class SharedList(SharedObject, MutableSequence[Any]):
+    """A list in the heap with list's behaviour: indexes and slices (get, set, delete,
+    extended), ``append/extend/insert/pop/remove/index/count/sort/reverse/clear``, ``+=``,
+    ``*=``, ``==`` and ordering with lists. Appends and index reads are O(1); inserts, deletes
+    and slice assignments O(n), like list's.
+
+    >>> import pheap
+    >>> h = pheap.anonymous()
+    >>> l = h.list([3, 1, 2])
+    >>> l.sort(); l.append("x"); l[1:3]
+    [2, 3]
+    """
+
+    __slots__ = ()
+    _kind = LIST
+
+    def __len__(self) -> int:
+        st = self._st
+        return int(_read(st, _list_len, st, self))
+
+    def __getitem__(self, i: Any) -> Any:
+        st = self._st
+        if isinstance(i, slice):
+            return _read(st, _list_values, st, self)[i]
+        i = _index(i)
+        r = _read(st, _list_get, st, self, i)
+        if r is _MISSING:
+            raise IndexError("list index out of range")
+        return r
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.copy())
+
+    def __reversed__(self) -> Iterator[Any]:
+        return reversed(self.copy())
+
+    def __contains__(self, v: object) -> bool:
+        return v in self.copy()
+
+    def copy(self) -> list[Any]:
+        """A plain list of the values (one consistent read). O(n)."""
+        st = self._st
+        return list(_read(st, _list_values, st, self))
+
+    def index(self, v: Any, start: int = 0, stop: int | None = None) -> int:
+        values = self.copy()
+        return values.index(v, start, len(values) if stop is None else stop)
+
+    def count(self, v: Any) -> int:
+        return self.copy().count(v)
+
+    def __repr__(self) -> str:
+        try:
+            return repr(self.copy())
+        except ReferenceError:
+            return f"<freed pheap.SharedList at offset {self._off}>"
+
+    def _cmp(self, other: Any) -> list[Any] | None:
+        if isinstance(other, SharedList):
+            return other.copy()
+        if isinstance(other, list):
+            return other
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        o = self._cmp(other)
+        return NotImplemented if o is None else self.copy() == o
+
+    def __ne__(self, other: object) -> bool:
+        o = self._cmp(other)
+        return NotImplemented if o is None else self.copy() != o
+
+    def __lt__(self, other: Any) -> bool:
+        o = self._cmp(other)
+        return NotImplemented if o is None else self.copy() < o
+
+    def __le__(self, other: Any) -> bool:
+        o = self._cmp(other)
+        return NotImplemented if o is None else self.copy() <= o
+
+    def __gt__(self, other: Any) -> bool:
+        o = self._cmp(other)
+        return NotImplemented if o is None else self.copy() > o
+
+    def __ge__(self, other: Any) -> bool:
+        o = self._cmp(other)
+        return NotImplemented if o is None else self.copy() >= o
+
+    def __add__(self, other: Any) -> list[Any]:
+        o = self._cmp(other)
+        if o is None:
+            return NotImplemented
+        return self.copy() + o
+
+    def __radd__(self, other: Any) -> list[Any]:
+        o = self._cmp(other)
+        if o is None:
+            return NotImplemented
+        return o + self.copy()
+
+    def __mul__(self, n: int) -> list[Any]:
+        return self.copy() * n
+
+    __rmul__ = __mul__
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def append(self, v: Any) -> None:
+        self._op(_append, [v])
+
+    def extend(self, values: Iterable[Any]) -> None:
+        values = list(values)
+        if values:
+            self._op(_append, values)
+
+    def __iadd__(self, values: Iterable[Any]) -> SharedList:
+        self.extend(values)
+        return self
+
+    def __imul__(self, n: int) -> SharedList:
+        n = _index(n)
+        self._op(_list_assign, lambda v: v.__imul__(n) and None)
+        return self
+
+    def __setitem__(self, i: Any, v: Any) -> None:
+        if isinstance(i, slice):
+            v = list(v)
+            self._op(_list_assign, lambda vals: vals.__setitem__(i, v))
+        else:
+            self._op(_set_index, _index(i), v)
+
+    def __delitem__(self, i: Any) -> None:
+        if not isinstance(i, slice):
+            i = _index(i)
+        self._op(_list_assign, lambda vals: vals.__delitem__(i))
+
+    def insert(self, i: int, v: Any) -> None:
+        i = _index(i)
+        self._op(_list_assign, lambda vals: vals.insert(i, v))
+
+    def pop(self, i: int = -1) -> Any:
+        i = _index(i)
+        r = self._op(_pop, i)
+        return r
+
+    def remove(self, v: Any) -> None:
+        self._op(_list_assign, lambda vals: vals.remove(v))
+
+    def reverse(self) -> None:
+        self._op(_list_assign, lambda vals: vals.reverse())
+
+    def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
+        self._op(_list_assign, lambda vals: vals.sort(key=key, reverse=reverse))
+
+    def clear(self) -> None:
+        self._op(_list_assign, lambda vals: vals.clear())
+
+
+def _index(i: Any) -> int:
+    if type(i) is int:
+        return i
+    if hasattr(i, "__index__"):
+        return int(i.__index__())
+    raise TypeError(f"list indices must be integers or slices, not {type(i).__name__}")
+
+
+def _append(lst: SharedList, values: list[Any]) -> None:
+    _list_append(lst._st, lst._o(), values)
+
+
+def _set_index(lst: SharedList, i: int, v: Any) -> None:
+    st = lst._st
+    o = lst._o()
+    core = st.core
+    w = core._w
+    n = w[o + L_LEN]
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError("list assignment index out of range")
+    new = _store(st, v)
+    w = core._w
+    k = (w[o + L_ITEMS] >> 3) + i
+    old = w[k]
+    core._j.set(k, new)
+    _drop(st, old)
+
+
+def _pop(lst: SharedList, i: int) -> Any:
+    st = lst._st
+    o = lst._o()
+    core = st.core
+    w = core._w
+    n = w[o + L_LEN]
+    if not n:
+        raise IndexError("pop from empty list")
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError("pop index out of range")
+    items = w[o + L_ITEMS] >> 3
+    c = w[items + i]
+    value = _load(st, c)
+    if i == n - 1:
+        core._j.set(o + L_LEN, n - 1)
+        core._j.set(o + L_VERSION, w[o + L_VERSION] + 1)
+    else:
+        cells = list(w[items:items + n])
+        del cells[i]
+        _list_replace(st, o, cells)
+    _drop(st, c)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# queue
+# ---------------------------------------------------------------------------------------------
+
+
+def _queue_new(st: _State, maxsize: int, refs: int = 0) -> int:
+    off = _new_obj(st, QUEUE, QUEUE_WORDS, refs)
+    o = off >> 3
+    core = st.core
+    cap = 8
+    s = core._j.set
+    s(o + Q_HEAD, 0)
+    s(o + Q_LEN, 0)
+    s(o + Q_ITEMS, core.jmalloc(cap * 8))
+    s(o + Q_CAP, cap)
+    s(o + Q_MAXSIZE, maxsize)
+    s(o + Q_PUTS, 0)
+    return off
+
+
+def _queue_put(q: SharedQueue, v: Any) -> bool:
+    st = q._st
+    o = q._o()
+    core = st.core
+    w = core._w
+    n, cap, maxsize = w[o + Q_LEN], w[o + Q_CAP], w[o + Q_MAXSIZE]
+    if maxsize and n >= maxsize:
+        return False
+    if n == cap:
+        head = w[o + Q_HEAD]
+        items = w[o + Q_ITEMS] >> 3
+        cells = [w[items + (head + i) % cap] for i in range(n)]
+        ncap = cap * 2
+        new = core.jmalloc(ncap * 8)
+        _fill(st, new, _words(cells))
+        old = w[o + Q_ITEMS]
+        s = core._j.set
+        s(o + Q_ITEMS, new)
+        s(o + Q_CAP, ncap)
+        s(o + Q_HEAD, 0)
+        core.jfree(old)
+        w = core._w
+        cap = ncap
+    c = _store(st, v)
+    w = core._w
+    k = (w[o + Q_ITEMS] >> 3) + (w[o + Q_HEAD] + n) % cap
+    w[k] = c  # unlogged: past the ring's used part, published by the store of 'len' below
+    core._j.set(o + Q_LEN, n + 1)
+    core._j.set(o + Q_PUTS, w[o + Q_PUTS] + 1)
+    return True
+
+
+def _queue_get(q: SharedQueue) -> Any:
+    st = q._st
+    o = q._o()
+    core = st.core
+    w = core._w
+    n = w[o + Q_LEN]
+    if not n:
+        return _MISSING
+    head, cap = w[o + Q_HEAD], w[o + Q_CAP]
+    c = w[(w[o + Q_ITEMS] >> 3) + head]
+    value = _load(st, c)
+    s = core._j.set
+    s(o + Q_HEAD, (head + 1) % cap)
+    s(o + Q_LEN, n - 1)
+    _drop(st, c)
+    return value
+
+
+def _queue_len(st: _State, q: SharedQueue) -> int:
+    return int(st.core._w[q._o() + Q_LEN])
+
+
+class SharedQueue(SharedObject):
+    """A FIFO queue in the heap for cooperating processes, like :class:`queue.Queue`: ``put``,
+    ``get(block, timeout)`` raising :class:`queue.Empty`, ``put`` with a ``maxsize`` raising
+    :class:`queue.Full`, ``qsize``, ``empty``, ``full``. A waiting ``get`` sleeps between looks
+    (at most 5 ms: it wakes within that of a ``put``), burning no CPU.
+
+    >>> import pheap
+    >>> h = pheap.anonymous()
+    >>> q = h.queue()
+    >>> q.put("job 1"); q.put(2); q.get(), q.get()
+    ('job 1', 2)
+    """
+
+    __slots__ = ()
+    _kind = QUEUE
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if self._op(_queue_put, item):
+            return
+        _wait(lambda: self._op(_queue_put, item), block, timeout, _queue.Full)
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, False)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        r = self._op(_queue_get)
+        if r is not _MISSING:
+            return r
+        return _wait(lambda: self._op(_queue_get) if self.qsize() else _MISSING, block,
+                     timeout, _queue.Empty)
+
+    def get_nowait(self) -> Any:
+        return self.get(False)
+
+    def qsize(self) -> int:
+        st = self._st
+        return int(_read(st, _queue_len, st, self))
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        st = self._st
+        m = _read(st, lambda: st.core._w[self._o() + Q_MAXSIZE])
+        return bool(m) and self.qsize() >= m
+
+    def __len__(self) -> int:
+        return self.qsize()
+
+    def __repr__(self) -> str:
+        try:
+            return f"<pheap.SharedQueue of {self.qsize()} items at offset {self._off}>"
+        except ReferenceError:
+            return f"<freed pheap.SharedQueue at offset {self._off}>"
+
+
+def _wait(attempt: Callable[[], Any], block: bool, timeout: float | None,
+          exc: type[Exception]) -> Any:
+    """Retry ``attempt`` (which returns _MISSING or False while it cannot proceed), sleeping
+    between tries, until it succeeds or ``timeout`` passes."""
+    if not block:
+        raise exc
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = QUEUE_POLL_MIN
+    while True:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise exc
+            time.sleep(min(delay, left))
+        else:
+            time.sleep(delay)
+        delay = min(delay * 2, QUEUE_POLL_MAX)
+        r = attempt()
+        if r is not _MISSING and r is not False:
+            return None if r is True else r
+
+
+# ---------------------------------------------------------------------------------------------
+# counter
+# ---------------------------------------------------------------------------------------------
+
+_I64: Final = 1 << 64
+
+
+def _to_i64(v: int) -> int:
+    if not -(1 << 63) <= v < 1 << 63:
+        raise OverflowError(f"counter value {v} does not fit in a signed 64-bit word")
+    return v % _I64
+
+
+def _from_i64(u: int) -> int:
+    return u - _I64 if u >> 63 else u
+
+
+def _counter_new(st: _State, value: int, refs: int = 0) -> int:
+    off = _new_obj(st, COUNTER, COUNTER_WORDS, refs)
+    st.core._j.set((off >> 3) + C_VALUE, _to_i64(value))
+    return off
+
+
+def _counter_add(c: SharedCounter, n: int) -> int:
+    core = c._st.core
+    k = c._o() + C_VALUE
+    v = _from_i64(core._w[k]) + n
+    core._w[k] = _to_i64(v)  # one aligned word: atomic by itself
+    return v
+
+
+def _counter_cas(c: SharedCounter, expected: int, new: int) -> bool:
+    core = c._st.core
+    k = c._o() + C_VALUE
+    if _from_i64(core._w[k]) != expected:
+        return False
+    core._w[k] = _to_i64(new)  # one aligned word: atomic by itself
+    return True
+
+
+class SharedCounter(SharedObject):
+    """A signed 64-bit counter in the heap: ``add(n)`` (returns the new value), ``value``
+    (a read without the lock: one aligned word), ``compare_and_set(expected, new)``.
+
+    >>> import pheap
+    >>> h = pheap.anonymous()
+    >>> c = h.counter()
+    >>> c.add(5), c.add(-2), c.value
+    (5, 3, 3)
+    """
+
+    __slots__ = ()
+    _kind = COUNTER
+
+    def add(self, n: int = 1) -> int:
+        n = _index(n)
+        return int(self._st.core.run(_counter_add, self, n))
+
+    @property
+    def value(self) -> int:
+        core = self._st.core
+        if LOCK_FREE_READS:
+            try:
+                return _from_i64(core._w[self._o() + C_VALUE])
+            except IndexError:
+                pass
+        return int(core.run(lambda: _from_i64(core._w[self._o() + C_VALUE])))
+
+    def compare_and_set(self, expected: int, new: int) -> bool:
+        """Set the value to ``new`` if it is ``expected`` (atomically); return whether it was."""
+        _to_i64(new)
+        return bool(self._st.core.run(_counter_cas, self, _index(expected), _index(new)))
+
+    def __int__(self) -> int:
+        return self.value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        try:
+            return f"<pheap.SharedCounter value={self.value}>"
+        except ReferenceError:
+            return f"<freed pheap.SharedCounter at offset {self._off}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def _array_new(st: _State, shape: tuple[int, ...], dtype: str, itemsize: int,
+               refs: int = 0) -> int:
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"an array has at most {MAX_NDIM} dimensions, not {len(shape)}")
+    nbytes = itemsize
+    for n in shape:
+        if n < 0:
+            raise ValueError(f"negative dimensions are not allowed: {shape}")
+        nbytes *= n
+    code = dtype.encode()
+    if len(code) > 8:
+        raise ValueError(f"dtype {dtype!r} is not a simple numpy type string")
+    off = _new_obj(st, ARRAY, A_SHAPE + len(shape), refs)
+    core = st.core
+    blk = core._bracket(core._memalign, ARRAY_ALIGN, ARRAY_ALIGN + nbytes)
+    data = blk + ARRAY_ALIGN
+    core._j.set(blk >> 3, off)  # the block's first word names the array's header
+    _zero(st, data, nbytes)
+    o = off >> 3
+    s = core._j.set
+    s(o + A_DTYPE, int.from_bytes(code.ljust(8, b"\0"), "little"))
+    s(o + A_NDIM, len(shape))
+    s(o + A_DATA, data)
+    s(o + A_NBYTES, nbytes)
+    for i, n in enumerate(shape):
+        s(o + A_SHAPE + i, n)
+    return off
+
+
+def _zero(st: _State, p: int, n: int) -> None:
+    """Zero [p, p+n) of a new allocation; bytes at or above zero_from are zero already."""
+    core = st.core
+    end = min(p + n, core._w[F.H_ZERO_FROM])
+    if end > p:
+        core._j.log_range(p, end - p)
+        core._memset0(p, end)
+
+
+def _array_meta(w: memoryview, off: int) -> tuple[str, tuple[int, ...], int, int]:
+    o = off >> 3
+    dtype = w[o + A_DTYPE].to_bytes(8, "little").rstrip(b"\0").decode()
+    ndim = w[o + A_NDIM]
+    if ndim > MAX_NDIM:
+        raise CorruptHeapError(f"offset {off}: array has {ndim} dimensions")
+    shape = tuple(w[o + A_SHAPE:o + A_SHAPE + ndim])
+    return dtype, shape, w[o + A_DATA], w[o + A_NBYTES]
+
+
+def _array_view(st: _State, off: int) -> Any:
+    """A numpy array (or, for a buffer, a memoryview) over the array object's data."""
+    core = st.core
+    dtype, shape, data, nbytes = _array_meta(core._w, off)
+    if data + nbytes > core._cap:
+        raise _Torn
+    mv = core.region.b[data:data + nbytes]
+    if dtype == "|mv":
+        _track(st, off, mv)
+        return mv
+    import numpy as np
+
+    a = np.ndarray(shape, dtype=np.dtype(dtype), buffer=mv)
+    _track(st, off, a)
+    return a
+
+
+def _track(st: _State, off: int, view: Any) -> None:
+    """Views handed out are found again by address (_array_of): nothing to record."""
+
+
+def _address(v: Any) -> tuple[int, int] | None:
+    """(address, bytes) of the memory a numpy array or a writable memoryview shows."""
+    ai = getattr(v, "__array_interface__", None)
+    if ai is not None:
+        if not v.flags["C_CONTIGUOUS"]:
+            return None
+        return int(ai["data"][0]), int(v.nbytes)
+    if isinstance(v, memoryview):
+        if v.readonly or not v.c_contiguous or not v.nbytes:
+            return None
+        import ctypes
+
+        c = ctypes.c_char.from_buffer(v)
+        try:
+            return ctypes.addressof(c), v.nbytes
+        finally:
+            del c
+    return None
+
+
+def _mapping_bases(core: Core) -> list[tuple[int, int]]:
+    """(address, size) of every mapping of the heap in this process that views may show."""
+    import ctypes
+
+    out = []
+    r = core.region
+    for mm in [r.mm, *r._old]:
+        try:
+            c = ctypes.c_char.from_buffer(mm)
+        except (TypeError, ValueError):
+            continue
+        try:
+            out.append((ctypes.addressof(c), len(mm)))
+        finally:
+            del c
+    return out
+
+
+def _array_of(st: _State, v: Any) -> int:
+    """The offset of the array object whose whole data ``v`` (a numpy array or memoryview)
+    shows, found by address; 0 when ``v`` is not one of this heap's arrays."""
+    t = type(v)
+    if t is not memoryview and getattr(t, "__module__", "") != "numpy":
+        return 0
+    where = _address(v)
+    if where is None:
+        return 0
+    addr, n = where
+    core = st.core
+    for base, size in _mapping_bases(core):
+        data = addr - base
+        if 0 < data < size and data % ARRAY_ALIGN == 0 and data + n <= core._cap:
+            w = core._w
+            off = w[(data - ARRAY_ALIGN) >> 3]
+            o = off >> 3
+            if not off & 7 and 0 < off < core._cap and _kind_at(w, o) == ARRAY and \
+                    w[o + O_SERIAL] and w[o + A_DATA] == data and w[o + A_NBYTES] == n:
+                return int(off)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The heap's constructors, the root, gc, check
+# ---------------------------------------------------------------------------------------------
+
+_CLASSES: dict[int, type[SharedObject]] = {DICT: SharedDict, LIST: SharedList,
+                                           QUEUE: SharedQueue, COUNTER: SharedCounter}
+
+
+def _made(st: _State, off: int) -> Any:
+    """The handle of an object just made with refs 0: it floats, kept by this process."""
+    h = _handle(st, off)
+    if isinstance(h, SharedObject):
+        _watch_float(st, h)
+    return h
+
+
+def new_dict(heap: Heap, *args: Any, **kw: Any) -> SharedDict:
+    """``heap.dict(...)``: a new shared dict, from the same arguments as ``dict()``."""
+    items = list(dict(*args, **kw).items())
+    st = _state(heap)
+    return _made(st, st.core.op(lambda: _dict_new(st, items)))  # type: ignore[no-any-return]
+
+
+def new_list(heap: Heap, iterable: Iterable[Any] = ()) -> SharedList:
+    """``heap.list(...)``: a new shared list."""
+    items = list(iterable)
+    st = _state(heap)
+    return _made(st, st.core.op(lambda: _list_new(st, items)))  # type: ignore[no-any-return]
+
+
+def new_queue(heap: Heap, maxsize: int = 0) -> SharedQueue:
+    """``heap.queue(maxsize=0)``: a new shared FIFO queue (0: unbounded)."""
+    maxsize = _index(maxsize)
+    if maxsize < 0:
+        raise ValueError(f"maxsize must not be negative: {maxsize}")
+    st = _state(heap)
+    return _made(st, st.core.op(lambda: _queue_new(st, maxsize)))  # type: ignore[no-any-return]
+
+
+def new_counter(heap: Heap, value: int = 0) -> SharedCounter:
+    """``heap.counter(value=0)``: a new shared counter."""
+    value = _index(value)
+    st = _state(heap)
+    return _made(st, st.core.op(lambda: _counter_new(st, value)))  # type: ignore[no-any-return]
+
+
+def new_ndarray(heap: Heap, shape: Any, dtype: Any = "float64") -> Any:
+    """``heap.ndarray(shape, dtype)``: a zeroed numpy array whose memory is in the heap (64-byte
+    aligned); storable in containers, the same memory in every process. Needs numpy."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise ImportError("heap.ndarray() needs numpy: pip install 'pheap[numpy]' (or use "
+                          "heap.buffer(), a memoryview, without it)") from None
+    dt = np.dtype(dtype)
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        raise TypeError(f"heap.ndarray() takes plain numeric dtypes, not {dt}")
+    shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+    st = _state(heap)
+    off = st.core.op(lambda: _array_new(st, shape, dt.str, dt.itemsize))
+    a = _array_view(st, off)
+    _float_view(st, off, a)
+    return a
+
+
+def new_buffer(heap: Heap, n: int) -> memoryview:
+    """``heap.buffer(n)``: a zeroed, writable memoryview of ``n`` bytes in the heap (64-byte
+    aligned): the numpy-free ndarray. Storable in containers like an array."""
+    n = _index(n)
+    st = _state(heap)
+    off = st.core.op(lambda: _array_new(st, (n,), "|mv", 1))
+    mv = _array_view(st, off)
+    st.floating.setdefault(off, None)  # a memoryview takes no weak reference: kept until gc
+    return mv  # type: ignore[no-any-return]
+
+
+def _float_view(st: _State, off: int, view: Any) -> None:
+    if off not in st.floating:
+        st.floating[off] = weakref.finalize(view, st.to_bury.append, off)
+
+
+def root(heap: Heap) -> SharedDict:
+    """``heap.root``: the root dict, made on first use of a writable heap. Everything stored
+    in it (and in what it holds) persists; it is also the directory of named objects:
+    ``heap.root.setdefault("jobs", heap.list())``."""
+    st = _state(heap)
+    core = st.core
+    off = core.run(core.entry, "objects")
+    if not off:
+        if core.readonly or heap.readonly:
+            return _EmptyRoot()  # type: ignore[return-value]
+        off = core.op(_make_root, st)
+    h = _handle(st, off)
+    return h  # type: ignore[no-any-return]
+
+
+def _make_root(st: _State) -> int:
+    core = st.core
+    off = core._w[F.H_OBJECTS]
+    if off:
+        return int(off)
+    off = _dict_new(st, refs=1)
+    core.set_entry("objects", off)
+    return off
+
+
+class _EmptyRoot(dict):  # type: ignore[type-arg]
+    """The root of a read-only heap that has none yet: empty, and read-only."""
+
+    def _ro(self, *a: Any, **k: Any) -> Any:
+        from .errors import ReadOnlyError
+
+        raise ReadOnlyError("the heap is read-only and has no root dict yet")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _ro  # type: ignore
+
+
+def gc(heap: Heap, dry_run: bool = False) -> dict[str, int]:
+    """Free the shared objects nothing reaches: not the root (and what it holds), not a live
+    handle of this process, not a floating object of a process still alive. Those are left by a
+    process that died holding handles. Returns counts. O(allocations)."""
+    st = _state(heap)
+    core = st.core
+
+    def run() -> dict[str, int]:
+        live, objs = _mark(st)
+        unreachable = [off for off in objs if off not in live]
+        if not dry_run:
+            for off in unreachable:
+                core._bracket(_bury_unreachable, st, off)
+            reap(st)
+        return {"objects": len(objs), "reachable": len(live), "freed": 0 if dry_run else
+                len(unreachable), "unreachable": len(unreachable)}
+
+    if dry_run:
+        return core.run(run)  # type: ignore[no-any-return]
+    return core.run(lambda: core._seq_call(run, ()))  # type: ignore[no-any-return]
+
+
+def _bury_unreachable(st: _State, off: int) -> None:
+    core = st.core
+    o = off >> 3
+    core._j.set(o + O_REFS, 0)
+    core._j.set(o + O_FLOAT, 0)
+    _bury(st, off)
+
+
+def _objects_in_heap(st: _State) -> list[int]:
+    """Offsets of every allocation that holds an object header (alive: serial not 0)."""
+    core = st.core
+    w = core._w
+    out = []
+    for b in core.walk(slots=True):
+        if b.free or b.kind == "run" or b.size < HEADER_WORDS * 8:
+            continue
+        o = b.offset >> 3
+        if _kind_at(w, o) and w[o + O_SERIAL]:
+            out.append(b.offset)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _children(st: _State, off: int) -> list[int]:
+    """Cells an object holds (dict keys and values, list and queue items)."""
+    w = st.core._w
+    o = off >> 3
+    kind = _kind_at(w, o)
+    if kind == DICT:
+        ent = w[o + D_ENTRIES] >> 3
+        cells = []
+        for e in range(min(w[o + D_USED], w[o + D_ECAP])):
+            b = ent + ENTRY * e
+            if w[b + 1]:
+                cells += (w[b + 1], w[b + 2])
+        return cells
+    if kind == LIST:
+        n = min(w[o + L_LEN], w[o + L_CAP])
+        items = w[o + L_ITEMS] >> 3
+        return list(w[items:items + n])
+    if kind == QUEUE:
+        n, head, cap = w[o + Q_LEN], w[o + Q_HEAD], max(w[o + Q_CAP], 1)
+        items = w[o + Q_ITEMS] >> 3
+        return [w[items + (head + i) % cap] for i in range(min(n, cap))]
+    return []
+
+
+def _refs_in(st: _State, c: int) -> list[int]:
+    """Objects a cell refers to (itself, or those inside a blob)."""
+    if not c or c & 1 or c & 7 == 2:
+        return []
+    if c & 7 == 4:
+        return [codec.ref_offset(c)]
+    core = st.core
+    n = core.live_size(c)
+    return codec.blob_refs(core.region.b[c:c + n])
+
+
+def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
+    """(objects reachable -> references found to each, every object in the heap)."""
+    core = st.core
+    w = core._w
+    objs = _objects_in_heap(st)
+    roots = []
+    if w[F.H_OBJECTS]:
+        roots.append(w[F.H_OBJECTS])
+    for off in objs:
+        o = off >> 3
+        if w[o + O_REFS] == 0 and (w[o + O_FLOAT] == st.pid and (off in st.handles or
+                                                                  off in st.floating) or
+                                    w[o + O_FLOAT] != st.pid and _pid_alive(w[o + O_FLOAT])):
+            roots.append(off)
+    for off, h in list(st.handles.items()):
+        if h._serial and off in objs:
+            roots.append(off)
+    found: dict[int, int] = {}
+    stack = list(roots)
+    seen = set()
+    while stack:
+        off = stack.pop()
+        if off in seen:
+            continue
+        seen.add(off)
+        found.setdefault(off, 0)
+        for c in _children(st, off):
+            for r in _refs_in(st, c):
+                found[r] = found.get(r, 0) + 1
+                stack.append(r)
+    if w[F.H_OBJECTS]:
+        found[w[F.H_OBJECTS]] = found.get(w[F.H_OBJECTS], 0) + 1  # the root entry
+    return found, objs
+
+
+class CheckReport(dict):  # type: ignore[type-arg]
+    """What ``Heap.check()`` found besides damage: shared objects nothing reaches."""
+
+    def __repr__(self) -> str:
+        return (f"CheckReport(objects={self['objects']}, unreachable={self['unreachable']} -- "
+                "left by a process that died holding handles; heap.gc() frees them)")
+
+
+def check(core: Core) -> CheckReport | None:
+    """The object layer's part of ``Heap.check()`` (under the lock): every object reachable
+    from the root is sound (header, reference count, arrays live and large enough, a dict's
+    every entry found through its index, a list within its capacity) and every blob decodes.
+    Returns a report when some objects are unreachable (gc() frees them); raises
+    CorruptHeapError for damage. O(objects + cells)."""
+    st = core.objects
+    w = core._w
+    if not w[F.H_OBJECTS] and not w[F.H_OBJ_GRAVE] and st is None:
+        found_any = any(_kind_at(w, b.offset >> 3) for b in core.walk(slots=True)
+                        if not b.free and b.kind != "run" and b.size >= HEADER_WORDS * 8)
+        if not found_any:
+            return None
+    if st is None:
+        st = _state(None, core)
+    live, objs = _mark(st)
+    for off in live:
+        _check_object(st, off, live[off])
+    unreachable = [off for off in objs if off not in live]
+    if unreachable:
+        return CheckReport(objects=len(objs), unreachable=len(unreachable),
+                           offsets=unreachable[:20])
+    return None
+
+
+def _check_object(st: _State, off: int, refs_found: int) -> None:
+    core = st.core
+    w = core._w
+
+    def bad(msg: str) -> CorruptHeapError:
+        return CorruptHeapError(f"offset {off}: {msg}")
+
+    try:
+        size = core.live_size(off)
+    except InvalidPointerError as e:
+        raise bad(f"a ref names something that is not a live allocation ({e})") from None
+    o = off >> 3
+    kind = _kind_at(w, o)
+    if not kind or kind not in KINDS:
+        raise bad(f"a ref names something that is not a shared object (word {w[o]:#x})")
+    if w[o + O_SERIAL] == 0:
+        raise bad(f"a ref names a freed {KINDS[kind]}")
+    if w[o + O_REFS] != refs_found and not (w[o + O_REFS] == 0 and w[o + O_FLOAT]):
+        raise bad(f"{KINDS[kind]} reference count {w[o + O_REFS]} but {refs_found} references "
+                  "found")
+
+    def array(field: int, nbytes: int, what: str) -> None:
+        p = w[o + field]
+        try:
+            have = core.live_size(p)
+        except InvalidPointerError:
+            raise bad(f"{KINDS[kind]}'s {what} {p} is not a live allocation") from None
+        if have < nbytes:
+            raise bad(f"{KINDS[kind]}'s {what} holds {have} bytes, {nbytes} needed")
+
+    if kind == DICT:
+        if size < DICT_WORDS * 8:
+            raise bad("dict header too small")
+        used, count, ecap, mask = w[o + D_USED], w[o + D_COUNT], w[o + D_ECAP], w[o + D_MASK]
+        if not count <= used <= ecap or (mask + 1) & mask or ecap > (mask + 1):
+            raise bad(f"dict counts used {used}, count {count}, ecap {ecap}, mask {mask} "
+                      "disagree")
+        array(D_ENTRIES, ecap * ENTRY * 8, "entries")
+        array(D_INDEX, (mask + 1) * 8, "index")
+        ent = w[o + D_ENTRIES] >> 3
+        idx = w[o + D_INDEX] >> 3
+        live = 0
+        pointed = set()
+        for i in range(mask + 1):
+            e = w[idx + i]
+            if e and e != DUMMY:
+                if e > used:
+                    raise bad(f"dict index slot {i} names entry {e - 1} past used {used}")
+                if e in pointed:
+                    raise bad(f"dict entry {e - 1} is in the index twice")
+                pointed.add(e)
+        for e in range(used):
+            b = ent + ENTRY * e
+            if w[b + 1]:
+                live += 1
+                if e + 1 not in pointed:
+                    raise bad(f"dict entry {e} is not in the index")
+                key = _load(st, w[b + 1])
+                if st.hasher(key) != w[b]:
+                    raise bad(f"dict entry {e}: stored hash does not match its key")
+                _check_cell(st, w[b + 2], off)
+        if live != count:
+            raise bad(f"dict count {count} but {live} live entries")
+    elif kind in (LIST, QUEUE):
+        n_at, items_at, cap_at = (L_LEN, L_ITEMS, L_CAP) if kind == LIST else \
+            (Q_LEN, Q_ITEMS, Q_CAP)
+        n, cap = w[o + n_at], w[o + cap_at]
+        if n > cap:
+            raise bad(f"{KINDS[kind]} length {n} past its capacity {cap}")
+        array(items_at, cap * 8, "items")
+        for c in _children(st, off):
+            _check_cell(st, c, off)
+    elif kind == ARRAY:
+        dtype, shape, data, nbytes = _array_meta(w, off)
+        if data % ARRAY_ALIGN or w[(data >> 3) - ARRAY_ALIGN // 8] != off:
+            raise bad("array data is misaligned or does not name its header")
+        try:
+            have = core.live_size(data - ARRAY_ALIGN)
+        except InvalidPointerError:
+            raise bad("array data is not a live allocation") from None
+        if have < ARRAY_ALIGN + nbytes:
+            raise bad(f"array data holds {have - ARRAY_ALIGN} bytes, {nbytes} needed")
+
+
+def _check_cell(st: _State, c: int, owner: int) -> None:
+    t = c & 7
+    if c & 1 or t in (2, 4):
+        if t == 2:
+            codec.from_cell(c)
+        return
+    if t or not c:
+        raise CorruptHeapError(f"offset {owner}: cell {c:#x} is neither a value, a blob nor a "
+                               "ref")
+    try:
+        n = st.core.live_size(c)
+    except InvalidPointerError as e:
+        raise CorruptHeapError(f"offset {owner}: a blob cell names {c}, not a live allocation "
+                               f"({e})") from None
+    codec.blob_length(st.core.region.b[c:c + n])
+
+
+def _check_hook(core: Core) -> CheckReport | None:
+    return check(core)
