@@ -130,6 +130,7 @@ _ATOMIC: Final = journal.ATOMIC
 _H_ROOT: Final = F.H_ROOT
 _H_OBJECTS: Final = F.H_OBJECTS
 _J_STATE: Final = F.J_STATE
+_UNLISTED: Final = F.UNLISTED
 assert set(F.ENTRIES.values()) == {_H_ROOT, _H_OBJECTS}  # the free fast path checks these two
 
 
@@ -536,15 +537,16 @@ class Allocator:
         """
         me = get_ident()
         if self.fast == me and type(n) is int and -1 < n <= _RUN_LIMIT:
-            # Fast path: a slot whose bitmap word keeps a free slot: one plain store, atomic by
-            # itself, so no journal (0.3-0.4 us of a crash-safe pair; tools/bench_alloc.py).
+            # Fast path: a slot from the head word of its class's list: one plain store, atomic
+            # by itself, so no journal (a word that fills stays on the list until a malloc meets
+            # it: see pheap.format). 0.3-0.4 us of a crash-safe pair (tools/bench_alloc.py).
             c = _CLASS_OF[n]
             w = self._w
             k = w[C_CLASS_HEADS + c]
             if k:
                 x = w[k]
-                low = x & -x
-                if x != low:
+                if x:
+                    low = x & -x
                     w[k] = x ^ low
                     base = (k << 3) & -4096
                     return base + _CFIRST[c] + ((((k << 3) - base) << 3) + low.bit_length() - 1) \
@@ -563,8 +565,8 @@ class Allocator:
             k = w[C_CLASS_HEADS + c]
             if k:
                 x = w[k]
-                low = x & -x
-                if x != low:
+                if x:
+                    low = x & -x
                     j = self._j
                     j.set(k, x ^ low)
                     base = (k << 3) & -4096
@@ -576,7 +578,35 @@ class Allocator:
         return self._bracket(self._malloc, n)  # type: ignore[return-value]
 
     def jfree(self, p: int) -> None:
-        """free inside an open bracket (see jmalloc)."""
+        """free inside an open bracket (see jmalloc): a slot whose word stays on its list and
+        whose run does not empty is one journaled store; anything else a nested operation."""
+        if type(p) is int and p > 0:
+            try:
+                v = self._b[self._meta + (p >> 12)]
+            except IndexError:
+                v = 0
+            if v:
+                c = (v & 31) - 1
+                base = ((p >> 12) - (v >> 5)) << 12
+                size = _CSIZE[c]
+                d = p - base - _CFIRST[c]
+                idx = d // size
+                if d == idx * size and -1 < idx < _CSLOTS[c]:
+                    w = self._w
+                    k = (base >> 3) + (idx >> 6)
+                    x = w[k]
+                    bit = 1 << (idx & 63)
+                    if not x & bit and p not in self._pins and \
+                            (x or w[k + 2 * _CWORDS[c]] != _UNLISTED):
+                        y = x | bit
+                        if y != _CMASKS[c][idx >> 6] or \
+                                (w[C_CLASS_HEADS + c] << 3) & -4096 == base:
+                            j = self._j
+                            j.set(k, y)
+                            if j.mode >= _ATOMIC:
+                                j.fresh.pop(p, None)
+                                j.freed.add(p)
+                            return
         self._bracket(self._free, p)
 
     def _malloc(self, n: int, guard: bool = False) -> int:
@@ -604,19 +634,22 @@ class Allocator:
     def _slot(self, c: int) -> int:
         """Take a free slot of class ``c`` (a new run when the class has none). O(1)."""
         w = self._w
-        k = w[C_CLASS_HEADS + c]
-        if not k:
-            self._new_run(c)  # may grow the heap: a new mapping
-            w = self._w
+        limit = (w[H_BRK] - _BLOCKS_OFF) >> 3
+        while True:
             k = w[C_CLASS_HEADS + c]
-        x = w[k]
-        if not x:
-            raise CorruptHeapError(f"offset {k * 8}: bitmap word on the class-{_CSIZE[c]} list "
-                                   "has no free slot")
+            if not k:
+                self._new_run(c)  # may grow the heap: a new mapping
+                w = self._w
+                continue
+            x = w[k]
+            if x:
+                break
+            self._chunk_unlink(c, k)  # a full word met on the list: off it now (lazily)
+            limit -= 1
+            if limit < 0:
+                raise CorruptHeapError(f"class {_CSIZE[c]} B list: a cycle of full words")
         low = x & -x
         self._j.set(k, x ^ low)
-        if x == low:  # the word is now full: off the class's list
-            self._chunk_unlink(c, k)
         base = (k << 3) & -4096
         return base + _CFIRST[c] + ((((k << 3) - base) << 3) + low.bit_length() - 1) * _CSIZE[c]
 
@@ -634,7 +667,7 @@ class Allocator:
         st(h, k)
 
     def _chunk_unlink(self, c: int, k: int) -> None:
-        """Take bitmap word ``k`` off class ``c``'s list."""
+        """Take bitmap word ``k`` off class ``c``'s list (its prev link becomes UNLISTED)."""
         w = self._w
         st = self._j.set
         m = _CWORDS[c]
@@ -646,6 +679,7 @@ class Allocator:
             st(C_CLASS_HEADS + c, nx)
         if nx:
             st(nx + 2 * m, pv)
+        st(k + 2 * m, _UNLISTED)
 
     def _new_run(self, c: int) -> None:
         """Make a run of class ``c`` and put its bitmap words on the class's list."""
@@ -968,7 +1002,8 @@ class Allocator:
                     k = (base >> 3) + (idx >> 6)
                     x = w[k]
                     bit = 1 << (idx & 63)
-                    if x and not x & bit and p not in self._pins:
+                    if not x & bit and p not in self._pins and \
+                            (x or w[k + 2 * _CWORDS[c]] != _UNLISTED):
                         y = x | bit
                         if y != _CMASKS[c][idx >> 6] or \
                                 (w[C_CLASS_HEADS + c] << 3) & -4096 == base:
@@ -1029,7 +1064,8 @@ class Allocator:
         if j.mode >= _ATOMIC:
             j.fresh.pop(p, None)
             j.freed.add(p)  # live when the bracket began, maybe: never fresh again in it
-        if not x:  # the word has a free slot again: it becomes the head of its class's list
+        if not x and w[k + 2 * _CWORDS[c]] == _UNLISTED:
+            # the word has a free slot again: it becomes the head of its class's list
             old = w[C_CLASS_HEADS + c]
             self._chunk_push(c, k)
             old_base = (old << 3) & -4096
@@ -1077,8 +1113,10 @@ class Allocator:
         """Give the empty run at ``base`` back to the bins."""
         w = self._w
         bi = base >> 3
-        for j in range(_CWORDS[c]):
-            self._chunk_unlink(c, bi + j)
+        m = _CWORDS[c]
+        for j in range(m):
+            if w[bi + 2 * m + j] != _UNLISTED:
+                self._chunk_unlink(c, bi + j)
         first = base >> 12
         for i in range(F.CLASS_PAGES[c]):
             self._set_page_map(first + i, 0)
@@ -1820,29 +1858,27 @@ class Allocator:
 
     def _check_class_lists(self, runs: dict[int, int]) -> None:
         w = self._w
-        want: dict[int, int] = {}  # bitmap word index -> class, for words with a free slot
+        words: dict[int, int] = {}  # every run bitmap word -> its class
         for base, c in runs.items():
             for j in range(_CWORDS[c]):
-                if w[(base >> 3) + j]:
-                    want[(base >> 3) + j] = c
-        seen = 0
+                words[(base >> 3) + j] = c
+        listed: set[int] = set()
         for c in range(F.CLASS_COUNT):
             h = C_CLASS_HEADS + c
             k = w[h]
             prev = 0
             m = _CWORDS[c]
             while k:
-                if want.get(k) != c:
+                if words.get(k) != c or k in listed:
                     raise CorruptHeapError(
                         f"offset {h * 8 if not prev else (prev + m) * 8}: class {_CSIZE[c]} B "
-                        f"list links word {k}, which is not a bitmap word of such a run with a "
-                        "free slot (or it is listed twice)")
+                        f"list links word {k}, which is not a bitmap word of such a run (or "
+                        "it is listed twice: a cycle)")
                 if w[k + 2 * m] != prev:
                     raise CorruptHeapError(f"offset {(k + 2 * m) * 8}: prev link "
                                            f"{w[k + 2 * m]} != {prev} in the class "
                                            f"{_CSIZE[c]} B list")
-                del want[k]
-                seen += 1
+                listed.add(k)
                 prev = k
                 k = w[k + m]
             cached = w[C_CLASS_CACHE + c]
@@ -1851,10 +1887,16 @@ class Allocator:
                 if cached in runs or cached & (_PAGE - 1):
                     raise CorruptHeapError(f"offset {(C_CLASS_CACHE + c) * 8}: class cache names "
                                            f"{cached}, a run of another class or no page")
-        if want:
-            k = min(want)
-            raise CorruptHeapError(f"offset {k * 8}: run bitmap word with a free slot is not on "
-                                   f"its class {_CSIZE[want[k]]} B list")
+        for k, c in words.items():
+            if k in listed:
+                continue
+            if w[k]:
+                raise CorruptHeapError(f"offset {k * 8}: run bitmap word with a free slot is "
+                                       f"not on its class {_CSIZE[c]} B list")
+            if w[k + 2 * _CWORDS[c]] != _UNLISTED:
+                raise CorruptHeapError(f"offset {(k + 2 * _CWORDS[c]) * 8}: a run bitmap word "
+                                       f"off its class list has prev link "
+                                       f"{w[k + 2 * _CWORDS[c]]}, not {_UNLISTED}")
 
     def _check_zeros(self) -> None:
         zf = self._w[H_ZERO_FROM]
@@ -1904,6 +1946,8 @@ class Allocator:
                     if nx:
                         w[nx + 2 * m] = k
                     w[C_CLASS_HEADS + c] = k
+                else:
+                    w[k + 2 * m] = _UNLISTED
         return len(free_blocks)
 
     def _raw_insert(self, b: int, size: int) -> None:

@@ -114,7 +114,10 @@ offset from base    size         field
 ``CLASS_FIRST[c]``  size * n     the ``n = CLASS_SLOTS[c]`` slots
 ==================  ===========  ===========================================================
 
-A bitmap word is on its class's list (from ``class_heads[c]``) exactly when it has a free slot.
+A bitmap word with a free slot is always on its class's list (from ``class_heads[c]``); a full
+word may still be on it (malloc takes a full word off the list when it meets one: lazily, so
+that a slot taken and freed again costs one store), and a word off the list has
+``prev = UNLISTED`` (1, a word index no bitmap word can have).
 
 **Metadata at the end of the mapping** (``meta_off = capacity - page_map_bytes -
 bitmap_bytes``). The *page map*: one byte per page of the mapping; for a page that holds part of
@@ -213,6 +216,7 @@ CLASS_MASKS: Final = tuple(
 #: class of a request of n bytes, for n in [0, RUN_LIMIT]
 CLASS_OF: Final = tuple(next(c for c, s in enumerate(CLASS_SIZE) if s >= max(n, 1))
                         for n in range(RUN_LIMIT + 1))
+UNLISTED: Final = 1  #: prev link of a run bitmap word that is not on its class's list
 PM_CLASS: Final = 31  #: page-map byte bits holding class + 1
 PM_SHIFT: Final = 5  #: page-map byte: page index within the run from this bit
 

@@ -97,6 +97,12 @@ def s_one_free_slot(h):  # a run of 64 B slots with one free slot, and no other 
     return d
 
 
+def s_full_word_listed(h):  # the run's word is full but still on the list (taken off lazily)
+    d = s_one_free_slot(h)
+    d["last"] = h.malloc(64)
+    return d
+
+
 def s_run_emptying(h):  # two runs of 24 B slots, the first empty and cached, one slot left
     d = s_row(h)
     n = F.CLASS_SLOTS[F.CLASS_OF[24]]
@@ -138,6 +144,7 @@ SCENARIOS: dict[str, tuple[Setup, Op]] = {
     "slot freed into a partial run": (s_slots, lambda h, d: h.free(d["s"][2])),
     "a new run": (s_row, lambda h, d: h.malloc(100)),
     "the last free slot": (lambda h: s_one_free_slot(h), lambda h, d: h.malloc(64)),
+    "malloc meets a full word": (lambda h: s_full_word_listed(h), lambda h, d: h.malloc(64)),
     "a slot freed in a full run": (s_slots, lambda h, d: h.free(d["full"][9])),
     "a run empties and goes back": (s_run_emptying, lambda h, d: h.free(d["last"][2])),
     "cross-class realloc": (s_slots, lambda h, d: h.realloc(d["s"][1], 200)),
@@ -149,7 +156,8 @@ SCENARIOS: dict[str, tuple[Setup, Op]] = {
 }
 
 
-ONE_WORD = {"slot from a partial run", "slot freed into a partial run", "calloc of a slot"}
+ONE_WORD = {"slot from a partial run", "slot freed into a partial run", "calloc of a slot",
+            "the last free slot", "a slot freed in a full run"}
 
 
 def s_tx(h: pheap.Heap) -> dict:
