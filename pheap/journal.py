@@ -460,10 +460,14 @@ class Journal:
             self.end = _J_END
 
     def _forget(self) -> None:
-        self.fresh.clear()
-        self.freed.clear()
-        self.freed_spans.clear()
-        self.new_runs.clear()
+        if self.fresh:
+            self.fresh.clear()
+        if self.freed:
+            self.freed.clear()
+        if self.freed_spans:
+            self.freed_spans.clear()
+        if self.new_runs:
+            self.new_runs.clear()
 
     def block_is_fresh(self, start: int, end: int) -> bool:
         """Whether an allocation made now in the open bracket over [start, end) may be marked

@@ -149,6 +149,7 @@ QUEUE_POLL_MAX: Final = 0.005  #: longest sleep between looks (a waiter wakes wi
 #: safe (tests/test_allocator.py reads this list against the source).
 UNJOURNALED: Final = {
     "_fill": "bytes of a new allocation: logged first (Journal.log_range) unless fresh",
+    "_store": "a new blob's bytes (_fill inlined): logged first unless fresh",
     "_dict_insert": "an entry past 'used', which nothing reads until the journaled 'used' "
                     "store publishes it (an undo puts 'used' back: the entry is garbage again)",
     "_list_append": "a cell past 'len', published by the journaled 'len' store",
@@ -157,6 +158,12 @@ UNJOURNALED: Final = {
 }
 
 _get_ident = threading.get_ident
+_SIGN: Final = 1 << 63
+#: blob tags that never hold a ref (a blob starting with one is freed without a walk)
+_NO_REFS: Final = frozenset((codec.BLOB_STR, codec.BLOB_BYTES, codec.BLOB_INT, codec.BLOB_FLOAT,
+                             codec.BLOB_COMPLEX, codec.BLOB_PICKLE))
+KEY_CACHE_SIZE: Final = 1 << 15  #: str and bytes keys (each) whose (hash, cell, blob) a process
+#: remembers (cleared when full: a loop over more keys than this misses every time)
 _MISSING: Final = object()
 _TORN: Final = object()
 
@@ -174,7 +181,7 @@ class _State:
     """The object layer's state for one core (one mapped heap in this process)."""
 
     __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "pid", "heap", "lock",
-                 "__weakref__")
+                 "keys", "bkeys", "deref", "__weakref__")
 
     def __init__(self, core: Core, heap: Heap) -> None:
         self.core = core
@@ -188,6 +195,9 @@ class _State:
         self.to_bury: list[int] = []  # floating objects whose handles are gone
         self.pid = os.getpid()
         self.lock = threading.Lock()
+        self.keys: dict[str, tuple[int, int | None, bytes | None]] = {}  # str keys' parts
+        self.bkeys: dict[bytes, tuple[int, int | None, bytes | None]] = {}  # bytes keys' parts
+        self.deref = lambda off: _handle(self, off)  # for codec.decode: a ref's handle
         del w
 
 
@@ -236,16 +246,23 @@ def _store(st: _State, v: Any) -> int:
     c = codec.cell(v)
     if c is not None:
         return c
-    if isinstance(v, SharedObject):
-        off = v._attach_to(st)
-        _incref(st, off)
-        return codec.ref_cell(off)
-    r = _ref_of(st, v)
-    if r is not None:
-        return r
-    blob = codec.encode(v, ref=lambda x: _ref_of(st, x), allow_pickle=st.core.allow_pickle)
-    p = st.core.jmalloc(len(blob))
-    _fill(st, p, blob)
+    t = type(v)
+    if t is str or t is bytes or t is int or t is float:  # no refs inside: encoded directly
+        blob = codec.encode(v)
+    else:
+        if isinstance(v, SharedObject):
+            off = v._attach_to(st)
+            _incref(st, off)
+            return codec.ref_cell(off)
+        r = _ref_of(st, v)
+        if r is not None:
+            return r
+        blob = codec.encode(v, ref=lambda x: _ref_of(st, x), allow_pickle=st.core.allow_pickle)
+    core = st.core
+    n = len(blob)
+    p = core.jmalloc(n)
+    core._j.log_range(p, n)  # (_fill inlined)
+    core.region.mm[p:p + n] = blob
     return p
 
 
@@ -271,17 +288,19 @@ def _ref_of(st: _State, v: Any) -> int | None:
 
 def _load(st: _State, c: int) -> Any:
     """The value of cell ``c`` (any context; under the lock or inside a lock-free read)."""
+    if c & 1:
+        if c < _SIGN:  # a non-negative small int, inlined
+            return c >> 1
+        return codec.from_cell(c)
     t = c & 7
-    if c & 1 or t == 2:
+    if t == 2:
         return codec.from_cell(c)
     if t == 4:
         return _handle(st, codec.ref_offset(c))
     if t or not c:
         raise CorruptHeapError(f"cell {c:#x} is neither a value, a blob nor a ref")
     core = st.core
-    n = core.live_size(c)
-    return codec.decode(core.region.b[c:c + n], deref=lambda off: _handle(st, off),
-                        allow_pickle=core.allow_pickle)
+    return codec.decode(core.payload(c), deref=st.deref, allow_pickle=core.allow_pickle)
 
 
 def _drop(st: _State, c: int) -> None:
@@ -292,10 +311,13 @@ def _drop(st: _State, c: int) -> None:
         _decref(st, codec.ref_offset(c))
         return
     core = st.core
-    n = core.live_size(c)
-    refs = codec.blob_refs(core.region.b[c:c + n])
-    for off in refs:
-        _decref(st, off)
+    try:
+        tag = core._b[c]
+    except (IndexError, TypeError):
+        tag = -1
+    if tag not in _NO_REFS:  # a tuple, frozenset or cell blob may hold refs: walk it
+        for off in codec.blob_refs(core.payload(c)):
+            _decref(st, off)
     core.jfree(c)
 
 
@@ -487,6 +509,13 @@ def _free_arrays(st: _State, o: int, fields: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: what a lock-free read may raise when it met a half-written structure (it is tried again;
+#: under the lock the same error, if any, is the real one)
+_READ_ERRORS: Final = (IndexError, _Torn, CorruptHeapError, ValueError, TypeError, OverflowError,
+                       UnicodeDecodeError, ReferenceError, MemoryError, InvalidPointerError)
+_H_OBJ_SEQ: Final = F.H_OBJ_SEQ
+
+
 def _read(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, a pure reader: without the lock when that is safe (see the module
     docstring), else under it. ``fn`` returns _MISSING rather than raising for a missing key."""
@@ -500,8 +529,7 @@ def _read(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
             break
         try:
             r = fn(*args)
-        except (IndexError, _Torn, CorruptHeapError, ValueError, TypeError, OverflowError,
-                UnicodeDecodeError, ReferenceError, MemoryError, InvalidPointerError):
+        except _READ_ERRORS:
             r = _TORN
         if core._w[F.H_OBJ_SEQ] == s and r is not _TORN and core._w is w:
             return r
@@ -640,7 +668,25 @@ def _dict_alloc(st: _State, o: int, table: int) -> None:
 
 
 def _key_parts(st: _State, key: Any) -> tuple[int, int | None, bytes | None]:
-    """(hash, immediate cell or None, blob bytes or None) of a key; TypeError if unhashable."""
+    """(hash, immediate cell or None, blob bytes or None) of a key; TypeError if unhashable.
+    Remembered for str and bytes keys (exact types: 1, 1.0 and True are equal keys of three
+    encodings, so numbers are not cached by value)."""
+    t = type(key)
+    if t is str or t is bytes:  # (two caches: "a" and b"a" hash alike, and -bb would object)
+        cache = st.keys if t is str else st.bkeys
+        p = cache.get(key)
+        if p is not None:
+            return p
+        p = _parts(st, key)
+        if len(key) <= 256:
+            if len(cache) >= KEY_CACHE_SIZE:
+                cache.clear()
+            cache[key] = p
+        return p
+    return _parts(st, key)
+
+
+def _parts(st: _State, key: Any) -> tuple[int, int | None, bytes | None]:
     h = st.hasher(key)
     kc = codec.cell(key)
     if kc is not None:
@@ -691,8 +737,27 @@ def _same_key(st: _State, ek: int, key: Any) -> bool:
 
 
 def _dict_get(st: _State, d: SharedDict, key: Any) -> Any:
-    o = d._o()
-    h, kc, kb = _key_parts(st, key)
+    """The value of ``key`` or _MISSING. The common case, a key found at its first probe
+    (equal cells, or equal blob bytes), is inlined; the rest is :func:`_dict_find`'s."""
+    w = st.core._w
+    o = d._off >> 3
+    if w[o] != d._kind | MAGIC or w[o + O_SERIAL] != d._serial:
+        o = d._o()  # raises ReferenceError
+    t = type(key)
+    p = st.keys.get(key) if t is str else None
+    h, kc, kb = p if p is not None else _key_parts(st, key)
+    i = h & w[o + D_MASK]
+    e = w[(w[o + D_INDEX] >> 3) + i]
+    if 0 < e <= w[o + D_USED]:  # (DUMMY is larger than any count)
+        b = (w[o + D_ENTRIES] >> 3) + ENTRY * (e - 1)
+        if w[b] == h:
+            ek = w[b + 1]
+            if kc is not None and ek == kc or kb is not None and ek and not ek & 7 and \
+                    st.core.region.mm[ek:ek + len(kb)] == kb:
+                c = w[b + 2]
+                if c & 1 and c < _SIGN:
+                    return c >> 1
+                return _load(st, c)
     e, _ = _dict_find(st, o, h, kc, kb, key)
     if e < 0:
         return _MISSING
@@ -703,8 +768,28 @@ def _dict_get(st: _State, d: SharedDict, key: Any) -> Any:
 def _dict_set(st: _State, o: int, key: Any, value: Any) -> None:
     core = st.core
     h, kc, kb = _key_parts(st, key)
-    e, slot = _dict_find(st, o, h, kc, kb, key)
     w = core._w
+    i = h & w[o + D_MASK]
+    e = w[(w[o + D_INDEX] >> 3) + i]
+    if 0 < e <= w[o + D_USED]:  # the key found at its first probe, inlined (see _dict_get)
+        b = (w[o + D_ENTRIES] >> 3) + ENTRY * (e - 1)
+        if w[b] == h:
+            ek = w[b + 1]
+            if kc is not None and ek == kc or kb is not None and ek and not ek & 7 and \
+                    core.region.mm[ek:ek + len(kb)] == kb:
+                old = w[b + 2]
+                core._j.set(b + 2, _store(st, value))
+                if not old & 1 and old & 7 != 2:
+                    _drop(st, old)
+                return
+    elif not e and w[o + D_USED] < w[o + D_ECAP]:  # a new key whose first probe is empty
+        new = _store(st, value)
+        if kc is None:
+            kc = core.jmalloc(len(kb))  # type: ignore[arg-type]
+            _fill(st, kc, kb)  # type: ignore[arg-type]
+        _dict_insert(st, o, i, h, kc, new)
+        return
+    e, slot = _dict_find(st, o, h, kc, kb, key)
     if e >= 0:
         b = (w[o + D_ENTRIES] >> 3) + ENTRY * e
         old = w[b + 2]
@@ -865,6 +950,19 @@ class SharedDict(SharedObject, MutableMapping[Any, Any]):
 
     def __getitem__(self, key: Any) -> Any:
         st = self._st
+        core = st.core
+        if LOCK_FREE_READS and core.held != _get_ident():  # _read's first try, inlined
+            w = core._w
+            s = w[_H_OBJ_SEQ]
+            if not s & 1:
+                try:
+                    r = _dict_get(st, self, key)
+                except _READ_ERRORS:
+                    r = _TORN
+                if r is not _TORN and core._w[_H_OBJ_SEQ] == s and core._w is w:
+                    if r is _MISSING:
+                        raise KeyError(key)
+                    return r
         r = _read(st, _dict_get, st, self, key)
         if r is _MISSING:
             raise KeyError(key)
