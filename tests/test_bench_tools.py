@@ -274,8 +274,10 @@ def test_bench_alloc_tiny_run_end_to_end(tmp_path):
                     "-- 3d. the lock across processes", "-- 4. the cost of crash safety",
                     "average of the 1 larger", "total time"):
         assert heading in text, heading
-    for who in ("pheap Allocator", "pheap Heap lock/op", "mp.heap", "first-fit"):
+    for who in ("pheap Allocator", "pheap Heap lock/op", "mp.heap", "first-fit",
+                alloc_suites.FLOCK, alloc_suites.LSEEK):  # the system-call floor, same run
         assert any(ln.startswith(who) for ln in lines), who
+    assert "System-call floor" in text
     assert "The heap was checked after all rounds: clean, 0 used blocks left." in text
 
 

@@ -9,6 +9,7 @@ minutes), or a tiny one in the tests.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import multiprocessing
 import multiprocessing.heap as mpheap
@@ -228,7 +229,29 @@ def _nop(x: Any) -> Any:
     return x
 
 
+FLOCK = "syscall: flock EX+UN pair"
+LSEEK = "syscall: os.lseek"
+
+
+def _flock_pairs(fd: int, n: int) -> float:
+    flock, ex, un = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
+    t0 = perf_counter()
+    for _ in range(n):
+        flock(fd, ex)
+        flock(fd, un)
+    return perf_counter() - t0
+
+
+def _lseeks(fd: int, n: int) -> float:
+    lseek, end = os.lseek, os.SEEK_END
+    t0 = perf_counter()
+    for _ in range(n):
+        lseek(fd, 0, end)
+    return perf_counter() - t0
+
+
 def bench_pairs(out: Out, repeats: int, target_s: float, tmp: TempDir) -> dict[str, float]:
+    """Section 3a; returns the 'from a bin' medians (and the two system calls'), us."""
     out()
     out(f"-- 3a. fixed 24 B malloc+free pair: us per pair (median of {repeats} repeats) --")
     res: dict[str, dict[str, list[float]]] = {"at brk": {}, "from a bin": {}}
@@ -250,14 +273,29 @@ def bench_pairs(out: Out, repeats: int, target_s: float, tmp: TempDir) -> dict[s
             if guard is not None:
                 free(guard)
             c.close()
+    # The system-call floor of a lock taken per operation, on the same run: a file of its own
+    # beside the heap files, opened by this process (as the heap lock's is).
+    fd = os.open(tmp.path(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, bytes(4096))
+        for per_who in res.values():
+            for who, loop in ((FLOCK, _flock_pairs), (LSEEK, _lseeks)):
+                n = calibrate(lambda k, loop=loop: loop(fd, k), target_s)
+                per_who[who] = [timed(loop, fd, n) / n * 1e6 for _ in range(repeats)]
+    finally:
+        os.close(fd)
     rows = []
-    for who in ALL_CONTENDERS:
+    for who in ALL_CONTENDERS + ("", FLOCK, LSEEK):
         row: list[object] = [who]
         for case in res:
+            if not who:
+                row += [""] * 4
+                continue
             xs = res[case][who]
             m = statistics.median(xs)
-            row += [us(m), spread(xs), ratio(statistics.median(res[case][MP]) / m),
-                    ratio(m / FLOOR_US)]
+            mp_this = ratio(statistics.median(res[case][MP]) / m) if who in ALL_CONTENDERS \
+                else "-"
+            row += [us(m), spread(xs), mp_this, ratio(m / FLOOR_US)]
         rows.append(row)
     out.table(["contender", "at brk", "spread", "mp/this", "/floor", "from a bin", "spread",
                "mp/this", "/floor"], rows)
@@ -269,7 +307,17 @@ def bench_pairs(out: Out, repeats: int, target_s: float, tmp: TempDir) -> dict[s
         f"Loop overhead is included: {loop:.3f} us for the same loop calling two no-op "
         "functions.")
     out(LEGEND)
-    return {w: statistics.median(res["from a bin"][w]) for w in ALL_CONTENDERS}
+    med = {w: statistics.median(res["from a bin"][w]) for w in res["from a bin"]}
+    sys_pair = med[FLOCK] + med[LSEEK]
+    out(f"System-call floor (no allocation; a file beside the heap files, opened by this "
+        f"process; measured again for each column): {FLOCK.removeprefix('syscall: ')} = "
+        f"fcntl.flock(fd, LOCK_EX) + fcntl.flock(fd, LOCK_UN); os.lseek = os.lseek(fd, 0, "
+        f"SEEK_END). Taking and releasing the heap lock outside `with heap.lock()` is one flock "
+        f"pair + one lseek (the truncation guard) = {us(sys_pair)} us; a {LOCK_OP} malloc+free "
+        f"pair takes it twice: {us(2 * sys_pair)} us of system calls in its "
+        f"{us(med[LOCK_OP])} us (from a bin), against {us(med[ONE_LOCK])} us for the same pair "
+        f"under one lock.")
+    return med
 
 
 def _churn(malloc: Callable[[int], Any], free: Callable[[Any], Any], slots: list[Any],
@@ -505,7 +553,9 @@ def bench_lock(out: Out, repeats: int, seconds: float, tmp: TempDir,
         f"all rounds: clean, {used} used blocks left.")
     if single:
         out(f"In-process figures from 3a (from a bin): {ALLOC} {us(single[ALLOC])} us, "
-            f"{LOCK_OP} {us(single[LOCK_OP])} us, {ONE_LOCK} {us(single[ONE_LOCK])} us.")
+            f"{LOCK_OP} {us(single[LOCK_OP])} us, {ONE_LOCK} {us(single[ONE_LOCK])} us; "
+            f"system calls: flock EX+UN pair {us(single[FLOCK])} us, lseek {us(single[LSEEK])} "
+            f"us.")
 
 # ---------------------------------------------------------------------------------------------
 # Section 4: the cost of crash safety
