@@ -11,5 +11,10 @@ The scripts in tools/ are thin command lines; the tests import these modules.
 ``internals``             the ONE function that reaches inside pheap (adapt it when they change)
 ``contenders``            pheap / multiprocessing.heap / first-fit behind one interface
 ``alloc_suites``          the allocator benchmark's sections
+``stores``                keys/values, the base classes of the object benchmark's systems
+``procs``                 forked children gathered with a deadline and reaped; shm cleanup
+``peers``                 the peers pheap's objects are measured against (one adapter each)
+``pheap_objects``         everything pheap-specific in the object benchmark (the planned API)
+``object_suites``         the object benchmark's sections a-h
 ========================  ====================================================================
 """

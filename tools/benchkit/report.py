@@ -13,7 +13,7 @@ column, then footnotes (the reference, the rows cut by the budget, the fastest r
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -33,11 +33,13 @@ class Out:
             self.fh.write(line + "\n")
             self.fh.flush()
 
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-        """First column left-aligned, the others right-aligned; an empty first cell prints an
-        empty line; a row of two cells whose second is a :class:`Span` prints the first cell
-        and then the span's text across the other columns."""
-        for line in table_lines(headers, rows):
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]],
+              left: Sequence[int] = ()) -> None:
+        """First column (and those in ``left``) left-aligned, the others right-aligned; an
+        empty first cell prints an empty line; a row of two cells whose second is a
+        :class:`Span` prints the first cell and then the span's text across the other
+        columns."""
+        for line in table_lines(headers, rows, left):
             self(line)
 
 
@@ -45,7 +47,8 @@ class Span(str):
     """A cell that stands for the rest of its row (``name  not available (why)``)."""
 
 
-def table_lines(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+def table_lines(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                left: Sequence[int] = ()) -> list[str]:
     """The lines of :meth:`Out.table`.
 
     >>> for line in table_lines(["store", "set", "get"], [["a", 1, 22], ["bb", 333, 4],
@@ -64,7 +67,7 @@ def table_lines(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> lis
     widths[0] = max([widths[0]] + [len(cells[k + 1][0]) for k in spans])
 
     def fmt(r: list[str]) -> str:
-        return "  ".join(c.ljust(widths[k]) if k == 0 else c.rjust(widths[k])
+        return "  ".join(c.ljust(widths[k]) if k == 0 or k in left else c.rjust(widths[k])
                          for k, c in enumerate(r)).rstrip()
     lines = [fmt(cells[0]), "  ".join("-" * wd for wd in widths)]
     for k, r in enumerate(cells[1:]):
@@ -203,22 +206,25 @@ def reference(rows: Iterable[Row], cols: Sequence[str], fallbacks: Sequence[str]
 
 def results_table(out: Out, rows: Sequence[Row], cols: Sequence[str], unit: str = "µs",
                   fallbacks: Sequence[str] = (), budget: float | None = None,
-                  fmt=fig) -> Row | None:
+                  units: dict[str, str] | None = None, best: str = "fastest",
+                  fmt: Callable[[float], str] = fig) -> Row | None:
     """Print rows as: name | median per column ('*': cut by the budget) | spread | ratio to the
-    reference per column | check; then the footnotes. Returns the reference row."""
+    reference per column | check; then the footnotes. ``units`` overrides ``unit`` per column;
+    ``best`` names the lowest figure ('fastest', 'smallest'). Returns the reference row."""
+    units = units or {}
     ref = reference(rows, cols, fallbacks)
-    headers = ["system"] + [f"{c} {unit}" for c in cols] + ["spread"]
+    headers = ["system"] + [f"{c} {units.get(c, unit)}" for c in cols] + ["spread"]
     headers += [f"{c} /ref" for c in cols] if ref else []
     headers += ["check"]
     table: list[list[object]] = []
-    cuts, fastest = [], {c: None for c in cols}
+    cuts = []
+    lowest: dict[str, tuple[str, float] | None] = dict.fromkeys(cols)
     for r in rows:
         if r.unavailable is not None:
             table.append([r.name, Span(r.unavailable)])
             continue
         if not any(r.samples.get(c) for c in cols):
-            table.append([r.name, Span("!!! " + r.check_cell().removeprefix("!!! ")
-                                       if r.flagged else "no figures")])
+            table.append([r.name, Span(r.check_cell() if r.flagged else "no figures")])
             continue
         meds = {c: r.median(c) for c in cols}
         cells: list[object] = [r.name]
@@ -240,18 +246,20 @@ def results_table(out: Out, rows: Sequence[Row], cols: Sequence[str], unit: str 
         if not r.floor and not r.flagged:
             for c in cols:
                 m = meds[c]
-                if m is not None and (fastest[c] is None or m < fastest[c][1]):
-                    fastest[c] = (r.name, m)
-    out.table(headers, table)
+                low = lowest[c]
+                if m is not None and (low is None or m < low[1]):
+                    lowest[c] = (r.name, m)
+    out.table(headers, table, left=(len(headers) - 1,))
     if ref:
-        out(f"/ref = this / {ref.name}, per column (> 1: slower than it); spread = (max - min) / "
-            f"median of the repeats, the largest over the columns")
+        worse = "slower" if best == "fastest" else "more"
+        out(f"/ref = this / {ref.name}, per column (> 1: {worse} than it); spread = (max - min) "
+            f"/ median of the repeats, the largest over the columns")
     else:
         out("no reference row has figures: no ratio columns")
     if cuts:
-        out(f"* cut short by the {budget} s budget per phase; the figure is over the ops done "
-            f"(fewest over the repeats): " + "; ".join(cuts))
-    best = [f"{c}: {v[0]} ({fmt(v[1])} {unit})" for c, v in fastest.items() if v]
-    if best:
-        out("fastest (floors and flagged rows left out): " + "; ".join(best))
+        out(f"* cut short by the {budget} s budget; the figure is over the ops done (fewest "
+            f"over the repeats): " + "; ".join(cuts))
+    named = [f"{c}: {v[0]} ({fmt(v[1])} {units.get(c, unit)})" for c, v in lowest.items() if v]
+    if named:
+        out(f"{best} (floors and flagged rows left out): " + "; ".join(named))
     return ref
