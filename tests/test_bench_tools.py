@@ -401,13 +401,14 @@ class _FakePheap:
     h.queue(), h.counter(), h.ndarray(), h.stats().used_bytes), kept in a sqlite3 file at the
     heap's path so that forked children (inherited or reopened by path) share it. Slow, and
     only here to run the benchmark's pheap rows before pheap has them. ``wrong_key``: the
-    dict reads a wrong value for that key (to see the row flagged)."""
+    dict reads a wrong value for that key; ``drop``: it ignores a set of a key ending so (to
+    see the rows flagged)."""
 
     __version__ = "fake"
 
     class Heap:
-        def __init__(self, path, wrong_key=None):
-            self.path, self.wrong_key = path, wrong_key
+        def __init__(self, path, wrong_key=None, drop=None):
+            self.path, self.wrong_key, self.drop = path, wrong_key, drop
             self._pid, self._c = None, None
             c = self.con
             c.execute("CREATE TABLE IF NOT EXISTS kv (obj TEXT, k TEXT, v, "
@@ -469,6 +470,8 @@ class _FakePheap:
 
     class Dict(Obj):
         def __setitem__(self, k, v):
+            if self.h.drop and k.endswith(self.h.drop):
+                return  # a lost update
             if isinstance(v, _FakePheap.Obj):
                 v = "\0" + v.name
             self.h.con.execute("REPLACE INTO kv VALUES (?, ?, ?)", (self.name, k, v))
@@ -543,8 +546,8 @@ class _FakePheap:
                                      (self.name,)).fetchone()
             return row[0] if row else 0
 
-    def __init__(self, wrong_key=None):
-        self.wrong_key = wrong_key
+    def __init__(self, wrong_key=None, drop=None):
+        self.wrong_key, self.drop = wrong_key, drop
 
     def open(self, path, flag="c", size=0):
         if flag == "n":
@@ -553,7 +556,7 @@ class _FakePheap:
                     os.unlink(p)
         elif not os.path.exists(path):
             raise FileNotFoundError(path)
-        return _FakePheap.Heap(path, self.wrong_key)
+        return _FakePheap.Heap(path, self.wrong_key, self.drop)
 
 
 def test_bench_objects_pheap_rows_with_the_planned_api(tmp_path, monkeypatch, capsys):
@@ -586,3 +589,19 @@ def test_bench_objects_flags_a_wrong_value(tmp_path, monkeypatch, capsys):
     assert "!!! WRONG 1 of" in line
     assert any(ln.startswith("pheap FLAGGED: pheap h.dict()") for ln in lines)
     assert any(ln.startswith("/ref = this / Manager().dict()") for ln in lines)
+
+
+def test_bench_objects_flags_lost_updates_across_processes(tmp_path, monkeypatch, capsys):
+    """A store that drops an update is flagged LOST in one process, when another process
+    reads, and when both write; one lost update is counted once."""
+    monkeypatch.setattr(pheap_objects, "_module", lambda: _FakePheap(drop="000000005"))
+    rc, lines = _run_objects(tmp_path, ["--sections", "a,b"])
+    capsys.readouterr()
+    assert rc == 2
+    assert "!!! LOST 1 of" in _row_line(_section_lines(lines, "a"), "pheap h.dict()")
+    b = _section_lines(lines, "b")
+    both = b.index(next(ln for ln in b if ln.startswith("-- b. both at once")))
+    for name in ("pheap h.dict()", 'pheap h.root["bench"]'):
+        assert "!!! LOST 1 of" in _row_line(b[:both], name)  # one writes, one reads
+        assert "!!! LOST 2 of" in _row_line(b[both:], name)  # one key of each writer
+    assert "!!!" not in _row_line(b, "Manager().dict()")
