@@ -288,7 +288,8 @@ def test_bench_alloc_says_when_traces_are_absent(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["env", "report", "timing", "traces", "firstfit", "internals",
-                                  "contenders", "alloc_suites"])
+                                  "contenders", "alloc_suites", "stores", "procs", "peers",
+                                  "pheap_objects", "object_suites"])
 def test_benchkit_doctests(name):
     mod = importlib.import_module(f"benchkit.{name}")
     assert doctest.testmod(mod, verbose=False).failed == 0

@@ -86,14 +86,16 @@ class BusyMeter:
         self.t0 = time.perf_counter()
         self.busy0, self.own0 = cpu_busy_seconds(), own_cpu_seconds()
 
-    def line(self) -> str:
+    def line(self, note: str = "") -> str:
+        """'total time N s; other processes kept the CPUs busy for ...' (+ ``note`` after the
+        CPU figure)."""
         wall = time.perf_counter() - self.t0
         busy = cpu_busy_seconds()
         other = ""
         if busy is not None and self.busy0 is not None:
             others = max(0.0, busy - self.busy0 - (own_cpu_seconds() - self.own0))
             other = (f"; other processes kept the CPUs busy for {others:.0f} CPU-seconds meanwhile "
-                     f"(of {wall * (os.cpu_count() or 1):.0f} available)")
+                     f"(of {wall * (os.cpu_count() or 1):.0f} available){note}")
         return f"total time {wall:.0f} s{other}"
 
 

@@ -985,7 +985,8 @@ def run(out: Out, cfg: ObjConfig, sections: str, seed: int, command: str,
         out()
         if ctx.pheap_flagged:
             out("pheap FLAGGED: " + ", ".join(dict.fromkeys(ctx.pheap_flagged)))
-        out(meter.line())
+        out(meter.line("; kernel threads writing the on-disk peers' files back count as "
+                       "other processes"))
     finally:
         peers.shutdown_manager()
         sweep_shm()
