@@ -9,7 +9,7 @@ repository root)::
 
     python3 tools/bench_objects.py --quick          # smoke run, well under a minute
     python3 tools/bench_objects.py                  # full run, several minutes
-    python3 tools/bench_objects.py --sections a,c --repeats 7 -o /tmp/objects.txt
+    python3 tools/bench_objects.py --sections a,c --repeats 7 -o objects.txt
 
 Sections: a. dict set/get/delete in one process; b. dict across 2 forked processes (one writes,
 the other reads; then both write their own keys); c. persistent store: put, close, reopen, get;
