@@ -135,7 +135,7 @@ assert set(F.ENTRIES.values()) == {_H_ROOT, _H_OBJECTS}  # the free fast path ch
 
 
 class BlockInfo(NamedTuple):
-    """One block or slot, as :meth:`Allocator.walk` reports it."""
+    """One block or slot, as :meth:`pheap.Heap.walk` reports it."""
 
     offset: int  #: payload offset (what malloc returned); a block's header is 8 bytes before it
     size: int  #: bytes: a block's size header included, or a slot's size
@@ -149,7 +149,7 @@ class BlockInfo(NamedTuple):
 
 
 class HeapStats(NamedTuple):
-    """Figures from :meth:`Allocator.stats` (one walk over the blocks and runs)."""
+    """Figures from :meth:`pheap.Heap.stats` (one walk over the blocks and runs)."""
 
     capacity: int  #: bytes mapped (file size in use)
     block_area: int  #: bytes between the first block and brk

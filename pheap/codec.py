@@ -45,7 +45,7 @@ after tag        16     value        tag 7 COMPLEX: real, then imaginary part, a
 after n          var    n items      tag 8 FROZENSET: n nested blobs, sorted by their bytes
 ===============  =====  ===========  =======================================================
 
-Decisions beyond the brief, and why:
+Decisions, and why:
 
 * **CELL (tag 0) is a blob too**, not only a tuple item, so ``encode`` is total: ``None``,
   ``True`` and ``False`` have no other blob. The grammar gets simpler as well: a tuple item is

@@ -1541,6 +1541,7 @@ class Heap:
             pass
 
     def __enter__(self) -> Heap:
+        """``with pheap.open(...) as h:`` closes the heap at the end of the block."""
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1434,6 +1434,8 @@ class SharedList(SharedObject, MutableSequence[Any]):
         self._op(_list_assign, lambda vals: vals.reverse())
 
     def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
+        """Sort in place, like ``list.sort`` (the values are loaded, sorted, and stored back
+        in one operation). O(n log n)."""
         self._op(_list_assign, lambda vals: vals.sort(key=key, reverse=reverse))
 
     def clear(self) -> None:
@@ -1587,14 +1589,21 @@ class SharedQueue(SharedObject):
     _kind = QUEUE
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Append ``item`` (stored like a dict value). On a full bounded queue: wait (at most
+        ``timeout`` seconds; None: as long as it takes) or, with ``block=False``, raise
+        :class:`queue.Full` at once."""
         if self._op(_queue_put, item):
             return
         _wait(lambda: self._op(_queue_put, item), block, timeout, _queue.Full)
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, block=False)``."""
         self.put(item, False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest item. On an empty queue: wait (at most ``timeout``
+        seconds; None: as long as it takes) or, with ``block=False``, raise :class:`queue.Empty`
+        at once. Each item goes to exactly one caller, in any process."""
         r = self._op(_queue_get)
         if r is not _MISSING:
             return r
@@ -1602,16 +1611,20 @@ class SharedQueue(SharedObject):
                      timeout, _queue.Empty)
 
     def get_nowait(self) -> Any:
+        """``get(block=False)``."""
         return self.get(False)
 
     def qsize(self) -> int:
+        """Items in the queue now (others may change it at once)."""
         st = self._st
         return int(_read(st, _queue_len, st, self))
 
     def empty(self) -> bool:
+        """Whether the queue is empty now."""
         return self.qsize() == 0
 
     def full(self) -> bool:
+        """Whether a bounded queue is full now (never for an unbounded one)."""
         st = self._st
         m = _read(st, lambda: st.core._w[self._o() + Q_MAXSIZE])
         return bool(m) and self.qsize() >= m
@@ -1705,11 +1718,14 @@ class SharedCounter(SharedObject):
     _kind = COUNTER
 
     def add(self, n: int = 1) -> int:
+        """Add ``n`` (may be negative) atomically; return the new value. OverflowError past
+        the signed 64-bit range (the value is left unchanged)."""
         n = _index(n)
         return int(self._st.core.run(_counter_add, self, n))
 
     @property
     def value(self) -> int:
+        """The value now (one aligned word: read without the lock where reads may skip it)."""
         core = self._st.core
         if LOCK_FREE_READS:
             try:
@@ -1874,6 +1890,18 @@ def _array_of(st: _State, v: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 # The heap's constructors, the root, gc, check
 # ---------------------------------------------------------------------------------------------
+
+def _doc_like(cls: type, builtin: type) -> None:
+    """Methods that behave as the built-in's and say nothing more take its docstring."""
+    for name, f in list(vars(cls).items()):
+        if not name.startswith("_") and callable(f) and not f.__doc__:
+            doc = getattr(getattr(builtin, name, None), "__doc__", None)
+            if doc:
+                f.__doc__ = f"As ``{builtin.__name__}.{name}``: {doc.strip()}"
+
+
+_doc_like(SharedDict, dict)
+_doc_like(SharedList, list)
 
 _CLASSES: dict[int, type[SharedObject]] = {DICT: SharedDict, LIST: SharedList,
                                            QUEUE: SharedQueue, COUNTER: SharedCounter}
