@@ -1,14 +1,13 @@
-"""The docs stay true: generated files up to date, every public name documented, README runs."""
+"""The docs stay true: generated files up to date, every public name documented, links and
+figures backed. (The README's examples run as doctests: pyproject's testpaths include it.)"""
 
 from __future__ import annotations
 
-import doctest
 import os
 import re
 import subprocess
 import sys
 
-import pytest
 
 import pheap
 
@@ -56,25 +55,6 @@ def test_public_methods_have_docstrings():
             if callable(val) and not (val.__doc__ or "").strip():
                 bare.append(f"{cls.__name__}.{name}")
     assert not bare, f"public methods without a docstring: {bare}"
-
-
-@pytest.mark.timeout(120)
-def test_readme_examples_run(tmp_path, monkeypatch):
-    """Every ``>>>`` example in the README runs and prints what it shows."""
-    monkeypatch.chdir(tmp_path)
-    text = _read(os.path.join(ROOT, "README.md"))
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    examples = [b for b in blocks if b.lstrip().startswith(">>>")]
-    assert examples, "the README has no doctest example"
-    parser = doctest.DocTestParser()
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    globs: dict[str, object] = {}  # one namespace, as a reader's session would be
-    for k, src in enumerate(examples):
-        test = parser.get_doctest(src, globs, f"README example {k + 1}", "README.md", 0)
-        runner.run(test, clear_globs=False)
-        globs.update(test.globs)  # (a DocTest runs in a copy)
-    res = runner.summarize(verbose=False)
-    assert res.failed == 0 and res.attempted > 5
 
 
 def test_docs_stand_alone():
