@@ -62,7 +62,6 @@ object raise ReferenceError. Freeing is done a bounded step at a time after each
 from __future__ import annotations
 
 import os
-import platform
 import queue as _queue
 import threading
 import time
@@ -138,7 +137,7 @@ assert DUMMY > 1 << 48 and MIN_TABLE & (MIN_TABLE - 1) == 0
 
 #: Whether reads skip the lock (seqlock). Only where stores become visible in program order:
 #: x86 and x86-64 (TSO). Weaker CPUs (ARM, POWER) read under the lock.
-LOCK_FREE_READS: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+LOCK_FREE_READS: Final = os.uname().machine.lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 READ_TRIES: Final = 3  #: lock-free tries before a read takes the lock
 REAP_STEP: Final = 16  #: cells a graveyard step frees at most (bounded journal use; a step
 #: that still outgrows the operation journal is undone and tried again with half as many)
