@@ -126,6 +126,7 @@ _CSLOTS: Final = F.CLASS_SLOTS
 _CMASKS: Final = F.CLASS_MASKS
 _PM_CLASS: Final = F.PM_CLASS
 _PM_SHIFT: Final = F.PM_SHIFT
+_FRESH_SPANS: Final = journal.FRESH_SPANS
 _ATOMIC: Final = journal.ATOMIC
 _H_ROOT: Final = F.H_ROOT
 _H_OBJECTS: Final = F.H_OBJECTS
@@ -786,8 +787,14 @@ class Allocator:
             r = b + s
             ri = r >> 3
             # r's header and links lie inside the free block taken: an undo makes it one free
-            # block again, whose inside means nothing, so they need no records. Its footer is
-            # the taken block's own footer: logged.
+            # block again, whose inside means nothing, so they need no records -- unless that
+            # block was freed in the open bracket, when its bytes may be a live block's again
+            # after an undo (then they are logged). Its footer is the taken block's own: logged.
+            j = self._j
+            if j.freed_spans and j.mode >= _ATOMIC and j.overlaps_freed(r, r + 24):
+                st(ri, rem | FREE | (hdr & RELEASED))
+                st(ri + 1, w[ri + 1])
+                st(ri + 2, w[ri + 2])
             w[ri] = rem | FREE | (hdr & RELEASED)  # unlogged: inside the block taken
             st(ri + (rem >> 3) - 1, rem)
             # Inlined _insert(r, rem): one call less on the hottest block path.
@@ -839,8 +846,13 @@ class Allocator:
             w = self._w
         if end > w[H_HOLE_FROM]:
             self._back_wilderness(end)
-        st = self._j.set
+        j = self._j
+        st = j.set
         st(H_BRK, end)
+        if j.mode >= _ATOMIC and b < j.at_brk:
+            # brk fell in this bracket: b was inside a block freed in it, live again after an
+            # undo, so the header word it gets now is logged.
+            st(b >> 3, s)
         # Unlogged stores below: their old values are needed by no undo. The header word was
         # wilderness, and an undo, which has brk's record to restore, trusts no zeros there
         # (journal.forget_zeros); zero_from only ever rises, and the undo raises it further.
@@ -1052,7 +1064,6 @@ class Allocator:
         j.set(k, x ^ bit)
         if j.mode >= _ATOMIC:
             j.fresh.pop(p, None)
-            j.freed_spans.append((b, b + (hdr & _SZ)))
         self._free_block(b, hdr & _SZ)
         return None
 
@@ -1153,7 +1164,12 @@ class Allocator:
 
         The unlinks of the neighbours and the insert are inlined (the hottest block path)."""
         w = self._w
-        st = self._j.set
+        j = self._j
+        st = j.set
+        if j.mode >= _ATOMIC:  # its bytes may have been live when the bracket began
+            spans = j.freed_spans
+            if len(spans) <= _FRESH_SPANS:  # (past it, every block counts as freed: see journal)
+                spans.append((b, b + size))
         bi = b >> 3
         hdr = w[bi]
         nb = b + size

@@ -469,6 +469,17 @@ class Journal:
         if self.new_runs:
             self.new_runs.clear()
 
+    def overlaps_freed(self, start: int, end: int) -> bool:
+        """Whether [start, end) overlaps a block freed in the open bracket (or more were freed
+        than are tracked: then it may). O(blocks freed in it)."""
+        spans = self.freed_spans
+        if len(spans) > FRESH_SPANS:
+            return True
+        for a, b in spans:
+            if a < end and start < b:
+                return True
+        return False
+
     def block_is_fresh(self, start: int, end: int) -> bool:
         """Whether an allocation made now in the open bracket over [start, end) may be marked
         fresh: it overlaps no block freed in the bracket, nor the metadata the heap had when the

@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import codec
 from . import format as F
 from .errors import CorruptHeapError, InvalidPointerError, JournalFullError, PheapError
+from .journal import ATOMIC as _ATOMIC  # journal mode of an atomic bracket (a transaction's is above)
 
 if TYPE_CHECKING:
     from .heap import Core, Heap
@@ -115,6 +116,10 @@ DICT_WORDS: Final = 12  #: words of a dict's header
 DUMMY: Final = 1 << 63  #: index word of a deleted entry
 ENTRY: Final = 3  #: words of a dict entry
 MIN_TABLE: Final = 8  #: smallest index table (power of two)
+#: A probe visits every slot within mask + 1 + 13 steps: the perturbation (the 64-bit hash,
+#: shifted right 5 bits a step) is 0 after 13 steps, and from then on i -> 5 i + 1 (mod a power
+#: of two) runs through every slot. So a probe longer than mask + _PROBE_EXTRA means damage.
+_PROBE_EXTRA: Final = 15
 
 L_LEN, L_ITEMS, L_CAP, L_VERSION = range(5, 9)
 LIST_WORDS: Final = 9  #: words of a list's header
@@ -154,6 +159,7 @@ UNJOURNALED: Final = {
     "_list_append": "a cell past 'len', published by the journaled 'len' store",
     "_queue_put": "a cell past the ring's used part, published by the journaled 'len' store",
     "_new_obj": "the header of an object just allocated in the operation (fresh or logged)",
+    "_counter_store": "a counter's one aligned word outside a bracket (journaled inside one)",
 }
 
 _get_ident = threading.get_ident
@@ -708,7 +714,7 @@ def _dict_find(st: _State, o: int, h: int, kc: int | None, kb: bytes | None,
     perturb = h
     free = -1
     mm = core.region.mm
-    for _ in range(mask + 2):
+    for _ in range(mask + _PROBE_EXTRA):
         e = w[idx + i]
         if e == 0:
             return -1, free if free >= 0 else i
@@ -1689,7 +1695,7 @@ def _counter_add(c: SharedCounter, n: int) -> int:
     core = c._st.core
     k = c._o() + C_VALUE
     v = _from_i64(core._w[k]) + n
-    core._w[k] = _to_i64(v)  # one aligned word: atomic by itself
+    _counter_store(core, k, _to_i64(v))
     return v
 
 
@@ -1698,8 +1704,17 @@ def _counter_cas(c: SharedCounter, expected: int, new: int) -> bool:
     k = c._o() + C_VALUE
     if _from_i64(core._w[k]) != expected:
         return False
-    core._w[k] = _to_i64(new)  # one aligned word: atomic by itself
+    _counter_store(core, k, _to_i64(new))
     return True
+
+
+def _counter_store(core: Core, k: int, u: int) -> None:
+    """Store a counter's word: one aligned store, atomic by itself, unless a bracket is open
+    (``heap.atomic()``, ``heap.transaction()``): then journaled, so that its undo puts it back."""
+    if core._j.mode >= _ATOMIC:
+        core._j.set(k, u)
+    else:
+        core._w[k] = u  # unlogged: one aligned word outside a bracket, atomic by itself
 
 
 class SharedCounter(SharedObject):
@@ -2106,6 +2121,18 @@ def _refs_in(st: _State, c: int) -> list[int]:
     return codec.blob_refs(core.region.b[c:c + n])
 
 
+def _kept_here(st: _State, off: int) -> bool:
+    """Whether this process still holds the floating object at ``off``: a live handle, a live
+    array view, or a buffer (a memoryview cannot be watched: kept until the process ends). A
+    finalizer cut short by an interrupt never buries its object: its dead referent says so."""
+    if off in st.handles:
+        return True
+    fin = st.floating.get(off, _MISSING)
+    if fin is _MISSING:
+        return False
+    return fin is None or fin.peek() is not None
+
+
 def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
     """(objects reachable -> references found to each, every object in the heap)."""
     core = st.core
@@ -2116,8 +2143,7 @@ def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
         roots.append(w[F.H_OBJECTS])
     for off in objs:
         o = off >> 3
-        if w[o + O_REFS] == 0 and (w[o + O_FLOAT] == st.pid and (off in st.handles or
-                                                                  off in st.floating) or
+        if w[o + O_REFS] == 0 and (w[o + O_FLOAT] == st.pid and _kept_here(st, off) or
                                     w[o + O_FLOAT] != st.pid and _pid_alive(w[o + O_FLOAT])):
             roots.append(off)
     for off, h in list(st.handles.items()):
