@@ -968,16 +968,46 @@ def test_a_damaged_journal_is_discarded_by_repair(heap_file, capsys):
 
 
 @pytest.mark.timeout(120)
-def test_demo(tmp_path, capsys):
+def test_demo(tmp_path, capfd):
     path = str(tmp_path / "demo.heap")
-    code, out, err = run(capsys, "demo", "--workers", "2", "--records", "300", "--path", path)
+    code = cli.main(["demo", "--workers", "2", "--records", "200", "--path", path])
+    out, err = capfd.readouterr()  # (the verifying interpreter writes to the same stdout)
     assert code == 0, err
-    assert "2 workers wrote 600 records" in out
-    assert run(capsys, "check", path)[0] == 0
-    code, out, _ = run(capsys, "info", "--json", path)
-    assert json.loads(out)["root"] != 0
-    code, _, err = run(capsys, "demo", "--path", path)  # never over an existing file
+    lines = out.splitlines()
+    assert len(lines) <= 20 and lines[-1] == "  ok", out
+    assert lines[0] == f"pheap demo: 2 worker processes share one heap file, {path}"
+    assert "worker 1 SIGKILLed itself inside its transaction for record 100" in out
+    assert "resumed from the heap at record 100" in out
+    assert re.search(r"400 records \(1,200 operations\) by 3 processes in [\d.]+ s: [\d,]+ "
+                     r"records/s, [\d,]+ ops/s", out), out
+    assert "the killed worker's unfinished transaction was undone (1 recovery)" in out
+    assert "verified 400 records" in out and "'done' = 400" in out
+    assert re.search(r"check\(\): clean in [\d.]+ s", out)
+    assert f"the file: {path}, " in out and "MiB" in out
+    assert err == ""
+    with pheap.open(path, "r") as h:  # what the demo says is there, is there
+        assert h.check() is None
+        root = h.root
+        assert len(root["records"]) == 400 and len(root["log"]) == 400
+        assert root["done"].value == 400
+        assert root["records"]["1:150"] == "worker 1 record 150"
+        assert h.info()["recoveries"] == 1
+    assert cli.main(["check", path]) == 0
+    code = cli.main(["demo", "--path", path])  # never over an existing file
+    _, err = capfd.readouterr()
     assert code == 3 and one_line_about(err, path) and "already exists" in err
+
+
+@pytest.mark.timeout(120)
+def test_demo_keeps_the_heap_when_a_record_reads_back_wrong(tmp_path, capfd, monkeypatch):
+    path = str(tmp_path / "demo.heap")
+    monkeypatch.setattr(cli, "_demo_value", lambda w, i: f"worker {w} record {i + (i == 7)}")
+    code = cli.main(["demo", "--workers", "1", "--records", "20", "--path", path])
+    out, err = capfd.readouterr()
+    assert code == 70, out
+    assert "WRONG: 1 of 20 records missing or wrong (first: ['0:7'])" in err
+    assert f"verification FAILED; the heap is kept at {path}" in err
+    assert os.path.exists(path)
 
 
 @pytest.mark.timeout(60)
