@@ -971,7 +971,8 @@ class _ObjectReader:
             try:
                 return _Pickled(n, True, pickle.loads(buf[p:p + n]))
             except Exception as e:  # noqa: BLE001 - any failure of pickle: shown, not raised
-                return _Pickled(n, error=f"{type(e).__name__}: {e}")
+                why = f"{type(e).__name__}: {e}".splitlines()[0]
+                return _Pickled(n, error=why[:DUMP_CUT * 2])
         if buf[0] in (codec.BLOB_TUPLE, codec.BLOB_FROZENSET):
             try:
                 return codec.decode(buf, deref=_Ref, allow_pickle=self.allow_pickle)
@@ -1192,7 +1193,9 @@ def _short(v: Any, full: bool) -> tuple[str, bool]:
         while k > 1 and len(repr(v[:k])) > DUMP_CUT + 3:  # escapes take up to 4 each
             k = k * 2 // 3
         return f"{v[:k]!r}... ({len(v)} {'chars' if t is str else 'bytes'})", True
-    if t is _Pickled and v.loaded:
+    if t is _Pickled:
+        if not v.loaded:
+            return repr(v), False
         text, cut = _short(v.value, full)
         return f"{text} (unpickled, {v.nbytes} bytes)", cut
     r = _safe_repr(v)
