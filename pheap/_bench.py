@@ -26,6 +26,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -341,12 +342,14 @@ def run(keys: int, repeats: int, budget: float, out: Callable[[str], None] = pri
         out(f"{name:<{width}}{m[0]:>12.2f}{m[1]:>12.2f}{m[2]:>12.2f}{ratio:>10}{flag}")
     for name in missing:
         out(f"{name:<{width}}not installed")
-    out("vs pheap: the row's set + get + del time over pheap's (below 1: faster than pheap)"
-        + ("; * a phase ran past its time budget and stopped early" if any(cut.values())
-           else ""))
-    out("pheap's dict takes the heap lock and journals every operation (crash-safe, shared "
-        "by every process that opens the file); sqlite3: one table, WAL, synchronous=NORMAL, "
-        "a commit per set and per delete.")
+    notes = ("vs pheap: the row's set + get + del time over pheap's (below 1: faster than "
+             "pheap)" + ("; * a phase ran past its time budget and stopped early"
+                         if any(cut.values()) else "") + ". pheap's dict takes the heap lock and "
+             "journals every operation (crash-safe, shared by every process that opens the "
+             "file); sqlite3: one table, WAL, synchronous=NORMAL, a commit per set and per "
+             "delete.")
+    for line in textwrap.wrap(notes, 96):
+        out(line)
     out(f"The full benchmarks live in the repository's {FULL_BENCH}.")
     return 1 if any(wrong.values()) or rows[0][0] in failed else 0
 

@@ -15,7 +15,8 @@ Commands (``pheap COMMAND --help`` lists the options of each)::
     pheap gc FILE       free the shared objects nothing reaches   [--dry-run] [--timeout S] [--json]
     pheap bench         pheap's shared dict against dict, Manager, shelve, sqlite3 and the peers
                         installed here   [--quick]
-    pheap demo          worker processes share one heap file's objects; one is SIGKILLed
+    pheap demo          worker processes fill one heap file's shared objects; one is SIGKILLed
+                        mid-transaction; a new interpreter verifies   [--workers N] [--records N]
 
 **Waiting.** The inspection commands (info, stats, check, walk, map, dump) take the heap lock
 shared, so they never stop each other, and wait for a writer at most ``--timeout`` seconds
@@ -956,7 +957,10 @@ class _ObjectReader:
         except InvalidPointerError:
             raise CorruptHeapError(f"a blob cell names offset {c}, not a live allocation") \
                 from None
-        return self.blob(memoryview(buf))
+        try:
+            return self.blob(memoryview(buf))
+        except CorruptHeapError as e:
+            raise CorruptHeapError(f"offset {c}: {e}") from None
 
     def blob(self, buf: memoryview) -> Any:
         """The value of the blob at the start of ``buf``; pickles as _Pickled (loaded when
@@ -1078,7 +1082,10 @@ class _ObjectReader:
         o = off >> 3
         w = self.w
         if kind == objects.ARRAY:
-            dtype, shape, data, nbytes = objects._array_meta(w, off)
+            try:
+                dtype, shape, data, nbytes = objects._array_meta(w, off)
+            except UnicodeDecodeError:
+                raise CorruptHeapError(f"offset {off}: array dtype is not text") from None
             name = "buffer" if dtype == "|mv" else "array"
             if first is not None:
                 return _Node("same", off, value=(name, first[1]))
@@ -1106,7 +1113,10 @@ class _ObjectReader:
             import numpy as np
         except ImportError:
             return None
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise CorruptHeapError(f"array dtype {dtype!r} is not a numpy type") from None
         n = min(nbytes // max(dt.itemsize, 1), ARRAY_FIRST)
         raw = bytes(self.core.region.mm[data:data + n * dt.itemsize])
         return np.frombuffer(raw, dtype=dt).tolist()
@@ -1499,22 +1509,25 @@ def _demo_worker(path: str, worker: int, records: int, kill_at: int, report: Any
     """One worker of the demo: open the heap file by its path, resume after the last record
     the heap holds from this worker, and add the rest, one transaction each. At record
     ``kill_at`` it SIGKILLs itself inside the transaction (-1: never)."""
-    with open_heap(path, "w") as h:
-        root = h.root
-        records_, log, done = root["records"], root["log"], root["done"]
-        start = 0
-        while _demo_key(worker, start) in records_:  # what an earlier run of mine finished
-            start += 1
-        if report is not None:
-            report.put(start)
-        for i in range(start, records):
-            key = _demo_key(worker, i)
-            with h.transaction():  # all three, or (even after a SIGKILL) none of them
-                records_[key] = _demo_value(worker, i)
-                log.append(key)
-                if i == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                done.add(1)
+    try:
+        with open_heap(path, "w") as h:
+            root = h.root
+            records_, log, done = root["records"], root["log"], root["done"]
+            start = 0
+            while _demo_key(worker, start) in records_:  # what an earlier run of mine finished
+                start += 1
+            if report is not None:
+                report.put(start)
+            for i in range(start, records):
+                key = _demo_key(worker, i)
+                with h.transaction():  # all three, or (even after a SIGKILL) none of them
+                    records_[key] = _demo_value(worker, i)
+                    log.append(key)
+                    if i == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    done.add(1)
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too: the parent says so
+        sys.exit(EXIT_INTERRUPTED)
 
 
 #: The demo's check, run by a new interpreter: argv is the file, workers, records.
@@ -1612,14 +1625,16 @@ def run_demo(workers: int, records: int, path: str | None) -> int:
           f"{elapsed:.2f} s: {total / elapsed:,.0f} records/s, {3 * total / elapsed:,.0f} ops/s")
     if resumed != kill_at:
         return _demo_fail(f"the new process resumed at record {resumed}, not {kill_at}", path)
-    print("  every process has closed the file; a new interpreter opens it and checks:",
-          flush=True)
+    print("  every process has closed the file; a new interpreter opens it and checks:")
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-    rc = subprocess.call([sys.executable, "-c", DEMO_VERIFY, path, str(workers), str(records)],
-                         env=env)
-    if rc != 0:
+    res = subprocess.run([sys.executable, "-c", DEMO_VERIFY, path, str(workers), str(records)],
+                         env=env, capture_output=True, text=True)
+    sys.stdout.write(res.stdout)
+    if res.returncode != 0:
+        sys.stdout.flush()
+        sys.stderr.write(res.stderr)
         return _demo_fail("verification FAILED", path)
     st = os.stat(path)
     size = f"{_map.human(st.st_size)} ({_map.human(st.st_blocks * 512)} on disk)"
@@ -1806,7 +1821,9 @@ COMMANDS: Final[list[tuple[str, Callable[[argparse.Namespace], int], str,
      (_opt_file, _opt_gc)),
     ("bench", cmd_bench, "time pheap's shared dict against dict, Manager, shelve, sqlite3 "
      "and the peers installed here", (_opt_bench,)),
-    ("demo", cmd_demo, "worker processes share one persistent heap", (_opt_demo,)),
+    ("demo", cmd_demo, "worker processes fill one heap file's shared dict, list and counter; "
+     "one is SIGKILLed mid-transaction and replaced; a new interpreter verifies every record",
+     (_opt_demo,)),
 ]
 
 
@@ -1821,7 +1838,7 @@ def exit_code_table() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pheap", description="Inspect, check, repair and draw pheap heap files, "
-                "show and collect their shared objects, time pheap, or run the demo.",
+                "show and collect\ntheir shared objects, time pheap, or run the demo.",
                 epilog=exit_code_table(),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"pheap {__version__}")

@@ -1432,7 +1432,8 @@ def test_bench_tiny_run_prints_the_table(capsys, monkeypatch):
     assert row.fullmatch(rows[0]).group(5) == "1.00x"
     for plain in ("dict", "multiprocessing.Manager().dict()", "shelve", "sqlite3"):
         assert any(row.fullmatch(r) and r.startswith(plain) for r in rows), plain
-    assert "synchronous=NORMAL" in out and "a commit per set and per delete" in out
+    notes = " ".join(lines)
+    assert "synchronous=NORMAL" in notes and "a commit per set and per delete" in notes
     assert lines[-1] == "The full benchmarks live in the repository's tools/bench_all.py."
     # peers that do not import are one 'not installed' line each, and the run goes on
     monkeypatch.setattr(_bench, "_importable", lambda module: module is None)
@@ -1461,7 +1462,7 @@ def test_bench_options(capsys):
 def test_demo(tmp_path, capfd):
     path = str(tmp_path / "demo.heap")
     code = cli.main(["demo", "--workers", "2", "--records", "200", "--path", path])
-    out, err = capfd.readouterr()  # (the verifying interpreter writes to the same stdout)
+    out, err = capfd.readouterr()  # (fd level: the workers are processes of their own)
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) <= 20 and lines[-1] == "  ok", out
