@@ -1773,8 +1773,8 @@ class Allocator:
                                        f"past the run's {_CSLOTS[c]} slots")
 
     def _slot_live(self, p: int, runs: dict[int, int]) -> bool:
-        base = p & -_PAGE
-        for base in (base, base - _PAGE, base - 2 * _PAGE, base - 3 * _PAGE):
+        page = p & -_PAGE
+        for base in (page, page - _PAGE, page - 2 * _PAGE, page - 3 * _PAGE):
             c = runs.get(base)
             if c is not None:
                 d = p - base - _CFIRST[c]

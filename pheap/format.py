@@ -41,7 +41,8 @@ offset   size  field            meaning
 208      8     obj_seq          the object layer's version counter (odd while a writer is inside)
 216      8     obj_serial       the last serial number given to a shared object
 224      8     obj_grave        first object waiting to be freed (a list through the objects)
-232      24    reserved         zero; later entries
+232      8     obj_all          first of all shared objects (a list through their headers)
+240      16    reserved         zero; later entries
 256      8     owner_pid        pid of the process holding the lock; left set on release when
                                 work is pending (0 = none): an acquirer that finds it set
                                 recovers first
@@ -257,6 +258,7 @@ H_TXLOG: Final = 25  #: word index of txlog
 H_OBJ_SEQ: Final = 26  #: word index of obj_seq
 H_OBJ_SERIAL: Final = 27  #: word index of obj_serial
 H_OBJ_GRAVE: Final = 28  #: word index of obj_grave
+H_OBJ_ALL: Final = 29  #: word index of obj_all
 
 H_OWNER_PID: Final = 32  #: word index of owner_pid
 H_OWNER_STATE: Final = 33  #: word index of owner_state
@@ -288,7 +290,7 @@ CTL_END: Final = (C_CLASS_CACHE + CLASS_COUNT) * WORD  #: first byte after the c
 assert MIN_BLOCK % ALIGN == 0 and MIN_BLOCK >= 4 * WORD
 assert SMALL_LIMIT == 1 << (SL_LOG2 + 3)  # level 0 holds 32 exact classes of 8 bytes
 assert CTL_END <= BLOCKS_OFF, (CTL_END, BLOCKS_OFF)
-assert H_RECOVERIES * WORD < JOURNAL_OFF and H_OBJ_GRAVE < H_OWNER_PID
+assert H_RECOVERIES * WORD < JOURNAL_OFF and H_OBJ_ALL < H_OWNER_PID
 assert (BLOCKS_OFF + WORD) % PAGE == 0
 assert (MAX_BLOCK - 1).bit_length() - 1 - 7 < FL_COUNT
 assert struct.calcsize("<Q") == WORD
@@ -424,6 +426,7 @@ FIELD_OFFSETS: Final = {
     "root": H_ROOT * WORD, "objects": H_OBJECTS * WORD, "max_size": H_MAX_SIZE * WORD,
     "peak_brk": H_PEAK_BRK * WORD, "txlog": H_TXLOG * WORD, "obj_seq": H_OBJ_SEQ * WORD,
     "obj_serial": H_OBJ_SERIAL * WORD, "obj_grave": H_OBJ_GRAVE * WORD,
+    "obj_all": H_OBJ_ALL * WORD,
     "owner_pid": H_OWNER_PID * WORD, "owner_state": H_OWNER_STATE * WORD,
     "j_state": J_STATE * WORD,
 }

@@ -888,7 +888,8 @@ def test_keyboard_interrupts_at_random_moments(kind, seed):
                           kind], capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "FAIL" not in res.stdout and "Traceback" not in res.stderr, res.stdout + res.stderr
-    fired = int(res.stdout.split(" KeyboardInterrupts raised")[0].rsplit(" ", 1)[1].replace(",", ""))
+    fired = int(res.stdout.split(" KeyboardInterrupts raised")[0].rsplit(" ", 1)[1]
+                .replace(",", ""))
     assert fired >= 50, res.stdout  # the storm really hit the operations
 
 
@@ -901,7 +902,7 @@ def test_an_interrupted_rollback_is_finished_by_the_next_operation(tmp_path, cut
         real = journal.restore
 
         def cut_short(w, recs, armed=False):
-            for k, (i, old, data) in enumerate(reversed(recs)):
+            for k, (i, old, _data) in enumerate(reversed(recs)):
                 if k == cut:
                     raise KeyboardInterrupt
                 w[i] = old
@@ -966,7 +967,7 @@ def test_blocks_freed_into_the_wilderness_and_carved_again_come_back_whole(tmp_p
     with pheap.open(str(tmp_path / "wild.heap"), "n") as h:
         blocks = [h.malloc(n) for n in (3000, 5000, 700)]  # the last blocks before brk
         datas = [_pattern(n, k) for k, n in enumerate((3000, 5000, 700))]
-        for p, d in zip(blocks, datas):
+        for p, d in zip(blocks, datas, strict=True):
             h.write(p, d)
         bracket = h.atomic if mode == "atomic" else h.transaction
         with pytest.raises(RuntimeError):
@@ -976,7 +977,7 @@ def test_blocks_freed_into_the_wilderness_and_carved_again_come_back_whole(tmp_p
                 for n in (1234, 777, 2900, 3333):
                     s.malloc(n)
                 raise RuntimeError("undo")
-        for p, d in zip(blocks, datas):
+        for p, d in zip(blocks, datas, strict=True):
             assert h.read(p, len(d)) == d
         h.check()
 
