@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,34 @@ def run(*args: str) -> str:
                          timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
+
+
+def number(pattern: str, text: str) -> int:
+    m = re.search(pattern, text, re.M)
+    assert m, f"{pattern!r} not in:\n{text}"
+    return int(m.group(1))
+
+
+@pytest.mark.timeout(150)
+def test_allocator_tour(tmp_path):
+    path = str(tmp_path / "tour.heap")
+    out = run("examples/allocator_tour.py", path)
+    assert "WRONG" not in out and "0 wrong claims" in out
+    p1, p2, p3 = (number(rf"^p{i} = malloc\(\d+\) -> (\d+)", out) for i in (1, 2, 3))
+    p4, p5 = (number(rf"^p{i} = malloc\(\d+\) -> (\d+)", out) for i in (4, 5))
+    assert p3 == p1 + 8 and p4 == p3 + 8  # 8 B slots side by side: p4 skips p2's 16 B slot
+    assert p5 == p2  # the 16 B class reuses p2's freed slot
+    a, b, c, d = (number(rf"^{x} = malloc\(\d+\) -> (\d+)", out) for x in "abcd")
+    assert (b, c, d) == (a + 1008, b + 2008, b)  # end to end; d splits b's hole
+    assert re.search(rf"^free\(b\) .* {b}:2008\. ", out, re.M)
+    assert re.search(rf"^d = malloc.* {b}:512\* {b + 512}:1496\. {c}:1008\*", out, re.M)
+    assert re.search(rf"^free\(d\) .* {a}:3016\. {c}:1008\* \|", out, re.M)  # coalesced
+    assert re.search(r"^free\(c\) .*\)\s+\| wild", out, re.M)  # no block left: all wilderness
+    touched = number(r"^\s+(\d+) KiB allocated \(growth", out)
+    freed = number(r"^free\(big\): (\d+) KiB allocated", out)
+    trimmed = number(r"^trim\(\): (\d+) KiB allocated", out)
+    assert touched > 64 * 1024 and freed < touched - 60 * 1024 and trimmed < freed
+    assert ": ok" in run("-m", "pheap.cli", "check", path)
 
 
 @pytest.mark.timeout(150)
