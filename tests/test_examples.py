@@ -49,8 +49,18 @@ def test_allocator_tour(tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_fork_workers():
-    assert "4 workers wrote 200000 numbers" in run("examples/fork_workers.py")
+def test_fork_sharing():
+    out = run("examples/fork_sharing.py", "3")
+    assert "WRONG" not in out and "heap check: ok" in out
+    assert "ok: counter: 1000000 cells written, of 1000000" in out
+    assert "ok: dict: 3 reports from 3 other processes" in out
+    assert "ok: matrix: sum 333332833333500000 == sum of i*i for i < 1000000" in out
+    bands = re.findall(r"^  worker (\d) \(pid \d+\): rows (\d+)-(\d+), sum of squares (\d+)$",
+                       out, re.M)
+    assert [(int(w), int(lo), int(hi)) for w, lo, hi, _ in bands] == [
+        (0, 0, 332), (1, 333, 665), (2, 666, 999)]
+    for _, lo, hi, total in bands:  # each band's squares, as the worker summed them
+        assert int(total) == sum(i * i for i in range(int(lo) * 1000, (int(hi) + 1) * 1000))
 
 
 @pytest.mark.timeout(150)
