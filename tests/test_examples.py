@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -64,10 +65,51 @@ def test_fork_sharing():
 
 
 @pytest.mark.timeout(150)
-def test_persistent_store_remembers_across_runs(tmp_path):
-    path = str(tmp_path / "store.heap")
-    assert "run 1;" in run("examples/persistent_store.py", path)
-    assert "run 2;" in run("examples/persistent_store.py", path)
+def test_notes_commands(tmp_path):
+    path = str(tmp_path / "notes.heap")
+    notes = lambda *args: run("examples/notes.py", path, *args)
+    assert notes("add", "buy milk", "--tag", "home", "--tag", "today") == "added note 1\n"
+    assert notes("add", "write report", "--tag", "work") == "added note 2\n"
+    assert notes("add", "call mum", "--tag", "home") == "added note 3\n"
+    assert notes("done", "1") == "   1 [x] buy milk #home #today\n"
+    assert notes("list") == "   2 [ ] write report #work\n   3 [ ] call mum #home\n"
+    assert notes("list", "--all").splitlines()[0] == "   1 [x] buy milk #home #today"
+    assert notes("tag", "home").splitlines() == ["   1 [x] buy milk #home #today",
+                                                 "   3 [ ] call mum #home"]
+    out = notes("stats")
+    assert "3 notes, 2 open, 1 done, 3 tags;" in out and "consistent: ok; heap check: ok" in out
+    res = subprocess.run([sys.executable, "examples/notes.py", path, "done", "9"], env=ENV,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 1 and "no note 9" in res.stderr
+    assert "3 notes, 2 open" in notes("stats")
+
+
+@pytest.mark.timeout(250)
+def test_notes_survive_kill_9(tmp_path):
+    path = str(tmp_path / "notes.heap")
+    for rnd in range(1, 4):
+        proc = subprocess.Popen([sys.executable, "examples/notes.py", path, "stress"],
+                                stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        last = 0
+        for line in proc.stdout:
+            last = number(r"^committed note (\d+)$", line)
+            if last >= 300 * rnd:
+                break
+        os.kill(proc.pid, signal.SIGKILL)  # most likely inside a transaction
+        rest = proc.stdout.read()  # what it printed before it died
+        proc.wait()
+        proc.stdout.close()
+        for line in rest.splitlines():
+            last = number(r"^committed note (\d+)$", line)
+        out = run("examples/notes.py", path, "stats")
+        total = number(r"^(\d+) notes, ", out)
+        # every committed note is there; one more if it died between a commit and its print
+        assert last <= total <= last + 1, out
+        assert f"{total} notes, {total} open, 0 done" in out and "consistent: ok" in out
+    listed = run("examples/notes.py", path, "list").splitlines()
+    assert len(listed) == total
+    assert listed[-1].startswith(f"{total:4} [ ] stress note {total} ")
+    assert ": ok" in run("-m", "pheap.cli", "check", path)
 
 
 @pytest.mark.timeout(150)
