@@ -113,6 +113,36 @@ def test_notes_survive_kill_9(tmp_path):
 
 
 @pytest.mark.timeout(150)
+def test_producer_consumer_separate_processes(tmp_path):
+    path = str(tmp_path / "jobs.heap")
+    cmd = [sys.executable, "examples/producer_consumer.py", path]
+    start = lambda *args: subprocess.Popen(cmd + list(args), stdout=subprocess.PIPE, text=True,
+                                           env=ENV, cwd=ROOT)
+    consumers = [start("consume") for _ in range(2)]  # first: they wait for the jobs
+    producer = start("produce", "3000")
+    out = producer.communicate(timeout=120)[0]
+    took = [number(r"^consumer \d+: took (\d+) jobs$", c.communicate(timeout=60)[0])
+            for c in consumers]
+    assert producer.returncode == 0 and [c.returncode for c in consumers] == [0, 0], out
+    assert sum(took) == 3000, took
+    assert "ok: each of the 3000 jobs taken exactly once" in out
+    assert "ok: sum of squares 9004500500 == n(n+1)(2n+1)/6" in out
+    assert "heap check: ok" in out and "WRONG" not in out
+    again = subprocess.run(cmd + ["produce", "10"], env=ENV, capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+    assert again.returncode == 1 and "was used before" in again.stderr
+
+
+@pytest.mark.timeout(150)
+def test_producer_consumer_demo():
+    out = run("examples/producer_consumer.py", "demo", "2000")
+    took = [int(n) for n in re.findall(r"^consumer \d+: took (\d+) jobs$", out, re.M)]
+    assert len(took) == 2 and sum(took) == 2000, out
+    assert "ok: each of the 2000 jobs taken exactly once" in out
+    assert "ok: sum of squares 2668667000 == n(n+1)(2n+1)/6" in out and "WRONG" not in out
+
+
+@pytest.mark.timeout(150)
 def test_pool_memfd():
     assert "sum 328350" in run("examples/pool_memfd.py")
 
