@@ -143,8 +143,17 @@ def test_producer_consumer_demo():
 
 
 @pytest.mark.timeout(150)
-def test_pool_memfd():
-    assert "sum 328350" in run("examples/pool_memfd.py")
+def test_pool_numpy():
+    out = run("examples/pool_numpy.py", "--mb", "2", "--workers", "2")
+    assert "2 arrays of 250,000 float64 (2 MB each) in a memfd heap; 8 tasks for a spawn pool " \
+           "of 2 workers" in out
+    assert re.search(r"^  handles \(zero-copy\): +\d+\.\d+ s$", out, re.M)  # timings: printed,
+    assert re.search(r"^  pickled arrays: +\d+\.\d+ s +\(\d+\.\dx as long; 4 MB sent and 2 MB "
+                     r"sent back each time\)$", out, re.M)  # not judged
+    assert "ok: the heap's result equals the parent's np.hypot for all 250,000 elements" in out
+    assert "ok: the pickled way's result too" in out
+    assert "ok: the workers' partial sums add up" in out
+    assert "heap check: ok" in out and "WRONG" not in out
 
 
 @pytest.mark.timeout(150)
