@@ -21,6 +21,11 @@ import time
 import pheap
 
 
+def say(line: str) -> None:
+    """Print a line in one write, so that processes sharing a terminal never mix lines."""
+    print(line + "\n", end="", flush=True)
+
+
 def shared(path: str):
     h = pheap.open(path, "c")  # created atomically by the first process to get here
     root = h.root
@@ -37,7 +42,7 @@ def consume(path: str) -> int:
         done.add(1)  # last: when `done` reaches N, every job's record is in
         mine += 1
     jobs.put(None)  # the sentinel, for the next consumer
-    print(f"consumer {os.getpid()}: took {mine} jobs")
+    say(f"consumer {os.getpid()}: took {mine} jobs")
     return 0
 
 
@@ -49,24 +54,24 @@ def produce(path: str, n: int) -> int:
     for job in range(1, n + 1):
         jobs.put(job)
     jobs.put(None)
-    print(f"producer {os.getpid()}: put {n} jobs and the sentinel; waiting for consumers")
+    say(f"producer {os.getpid()}: put {n} jobs and the sentinel; waiting for consumers")
     while done.value < n:
         time.sleep(0.01)
-    print(f"all {n} jobs done in {time.perf_counter() - t:.2f} s")
+    say(f"all {n} jobs done in {time.perf_counter() - t:.2f} s")
     checks = [(sorted(taken) == list(range(1, n + 1)), f"each of the {n} jobs taken exactly once"),
               (total.value == n * (n + 1) * (2 * n + 1) // 6,
                f"sum of squares {total.value} == n(n+1)(2n+1)/6")]
     for ok, text in checks:
-        print(f"{'ok' if ok else 'WRONG'}: {text}")
+        say(f"{'ok' if ok else 'WRONG'}: {text}")
     h.check()
-    print("heap check: ok")
+    say("heap check: ok")
     return 0 if all(ok for ok, _ in checks) else 1
 
 
 def demo(n: int) -> int:
     path = os.path.join(tempfile.mkdtemp(), "jobs.heap")
     me = [sys.executable, os.path.abspath(__file__), path]
-    print(f"demo: 2 consumers, then 1 producer of {n} jobs, each a process of its own")
+    say(f"demo: 2 consumers, then 1 producer of {n} jobs, each a process of its own")
     procs = [subprocess.Popen(me + ["consume"]) for _ in range(2)]
     procs.append(subprocess.Popen(me + ["produce", str(n)]))
     codes = [p.wait() for p in procs]
