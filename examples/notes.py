@@ -25,8 +25,9 @@ import pheap
 
 def tables(h: pheap.Heap):
     root = h.root
-    for key, empty in (("notes", {}), ("tags", {}), ("next", 1), ("open", 0)):
-        root.setdefault(key, empty)  # each one atomic: made once, by whoever comes first
+    if "open" not in root:  # a new file: each setdefault is atomic, whoever comes first
+        for key, empty in (("notes", {}), ("tags", {}), ("next", 1), ("open", 0)):
+            root.setdefault(key, empty)
     return root, root["notes"], root["tags"]
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,7 +89,7 @@ def test_notes_commands(tmp_path):
 @pytest.mark.timeout(250)
 def test_notes_survive_kill_9(tmp_path):
     path = str(tmp_path / "notes.heap")
-    for rnd in range(1, 4):
+    for rnd in range(1, 5):
         proc = subprocess.Popen([sys.executable, "examples/notes.py", path, "stress"],
                                 stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
         last = 0
@@ -95,7 +97,8 @@ def test_notes_survive_kill_9(tmp_path):
             last = number(r"^committed note (\d+)$", line)
             if last >= 300 * rnd:
                 break
-        os.kill(proc.pid, signal.SIGKILL)  # most likely inside a transaction
+        time.sleep(random.uniform(0, 0.005))  # somewhere in its cycle: mostly in a transaction
+        os.kill(proc.pid, signal.SIGKILL)
         rest = proc.stdout.read()  # what it printed before it died
         proc.wait()
         proc.stdout.close()
