@@ -836,17 +836,21 @@ class Allocator:
         for i in (bi + 1, bi + 2, bi + (size >> 3) - 1):
             st(i, w[i])
 
-    def _from_wilderness(self, s: int) -> int:
-        """Carve a block of ``s`` bytes at brk, growing the mapping if needed; return it."""
+    def _from_wilderness(self, s: int, past_old_metadata: bool = False) -> int:
+        """Carve a block of ``s`` bytes at brk, growing the mapping if needed; return it.
+        (Inside a bracket that grew the heap, see _wild_aligned; ``past_old_metadata``: it
+        calls this, and knows.)"""
         w = self._w
         b = w[H_BRK]
         end = b + s
         if end > self._meta:
             self._grow(end)
             w = self._w
+        j = self._j
+        if j.mode >= _ATOMIC and end > j.at_meta and b < j.at_cap and not past_old_metadata:
+            return self._wild_aligned(s, F.ALIGN)  # past the metadata the bracket began with
         if end > w[H_HOLE_FROM]:
             self._back_wilderness(end)
-        j = self._j
         st = j.set
         st(H_BRK, end)
         if j.mode >= _ATOMIC and b < j.at_brk:
@@ -894,14 +898,28 @@ class Allocator:
                 if a + s <= fb + fs and (fb + fs - a - s == 0 or fb + fs - a - s >= MIN_BLOCK):
                     return self._carve(fb, fs, a, s)
                 fb = w[(fb >> 3) + 1]
-        # 2. The wilderness: one carve (so a full heap fails before any store), then the gap
-        # before the aligned start becomes a free block.
+        return self._wild_aligned(s, align)
+
+    def _wild_aligned(self, s: int, align: int) -> int:
+        """A block of ``s`` bytes from the wilderness whose payload is ``align``-aligned: one
+        carve (so a full heap fails before any store), then the gap before the aligned start
+        becomes a free block.
+
+        Inside a bracket in which the heap grew, the block starts past the capacity the bracket
+        began with when it would otherwise cover the metadata the heap had then: the gap is a
+        free block whose inside is never written, so an undo of the growth finds the old page
+        map and allocation bitmap intact and nothing had to log them (capacity / 60 bytes: more
+        than a transaction log holds, on a large heap)."""
+        w = self._w
+        j = self._j
         brk = w[H_BRK]
         a = _aligned_start(brk, align)
-        if a == brk:
+        if j.mode >= _ATOMIC and a < j.at_cap and a + s > j.at_meta:
+            a = _aligned_start(max(j.at_cap, brk + MIN_BLOCK), align)
+        elif a == brk:
             return self._from_wilderness(s)
         gap = a - brk
-        b = self._from_wilderness(gap + s)
+        b = self._from_wilderness(gap + s, past_old_metadata=True)
         st = self._j.set
         st(b >> 3, gap)
         st(a >> 3, s)
@@ -1509,9 +1527,11 @@ class Allocator:
     def trim(self) -> int:
         """Give back to the OS the pages of the wilderness and of every large free block.
 
-        Returns the bytes given back. The file keeps its length (other processes may map it;
-        shrinking it under them would SIGBUS them), but its disk blocks are released, which
-        ``os.stat().st_blocks`` shows. O(free blocks).
+        Returns the bytes given back: for a file or memfd heap, those that had blocks behind
+        them (a second trim() gives back nothing new and returns 0); an anonymous heap cannot
+        tell, and counts every page it releases. The file keeps its length (other processes may
+        map it; shrinking it under them would SIGBUS them), but its disk blocks are released,
+        which ``os.stat().st_blocks`` shows. O(free blocks).
         """
         if self._j.mode:
             raise TransactionStateError("trim() inside a transaction or atomic bracket: pages it "
@@ -1528,16 +1548,25 @@ class Allocator:
             if w[H_HOLE_FROM] > start:
                 w[H_HOLE_FROM] = start
             journal.hit("release")
+            backed = self._backed(start, self._meta)
             if self._zero_range(start, self._meta):
-                total += self._meta - start
+                total += backed
                 if w[H_ZERO_FROM] > start:
                     w[H_ZERO_FROM] = start
         for b, size in self._free_list_blocks(2 * _PAGE):
             w[b >> 3] |= RELEASED
             journal.hit("release")
+            backed = self._backed(b + MIN_BLOCK, b + size - 8)
             if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
-                total += size - MIN_BLOCK - 8
+                total += backed
         return total
+
+    def _backed(self, start: int, end: int) -> int:
+        """Bytes of the whole pages of [start, end) that have blocks behind them (all of them
+        when the backing cannot tell)."""
+        lo, hi = F.round_up(start, _PAGE), end & -_PAGE
+        return sum(min(b, hi) - max(a, lo) for a, b in self._r.data_ranges(lo, hi)
+                   if min(b, hi) > max(a, lo))
 
     def _empty_runs(self) -> list[tuple[int, int]]:
         """(base, class) of every run with no live slot, found through the class lists (an

@@ -1001,3 +1001,30 @@ def test_a_run_emptied_and_reused_in_one_bracket_comes_back_whole(tmp_path):
         for k, p in enumerate(mine):
             assert h.read(p, 448) == _pattern(448, k)
         h.check()
+
+
+@pytest.mark.parametrize("align", [0, 64, 4096])
+def test_growth_in_a_bracket_does_not_log_the_old_metadata(tmp_path, align):
+    """A bracket whose allocation grows a large heap: the new block must not cover the metadata
+    the heap had (capacity / 60 bytes, more than a transaction log holds), or every retry
+    overflows the log. The block starts past the old capacity; an undo finds the old metadata
+    intact."""
+    with pheap.open(str(tmp_path / "g.heap"), "n", size=48 << 20) as h:
+        keep = h.malloc(40 << 20)  # most of the heap in use: the next big block grows it
+        h.write(keep, b"k" * 4096)
+        cap = h.capacity
+        with h.transaction() as s:
+            p = s.memalign(align, 30 << 20) if align else s.malloc(30 << 20)
+            s.write(p, b"x" * (1 << 20))  # logged only if it overlapped the old metadata
+        assert h.capacity > cap and h.read(p, 4) == b"xxxx"
+        h.check()
+        cap = h.capacity
+        with pytest.raises(RuntimeError):
+            with h.transaction() as s:
+                q = s.memalign(align, 200 << 20) if align else s.malloc(200 << 20)
+                s.write(q, b"y" * (1 << 20))
+                raise RuntimeError("undo the growth")
+        assert h.capacity == cap and h.read(keep, 4) == b"kkkk"
+        h.check()
+        h.free(p)
+        h.check()
