@@ -722,8 +722,9 @@ class Allocator:
         first = base >> 12
         for i in range(pages):
             self._set_page_map(first + i, F.page_map_byte(c, i))
-        if self._j.mode >= _ATOMIC:
-            self._j.new_runs.add(base)
+        j = self._j
+        if j.mode >= _ATOMIC and not j.block_is_fresh(b, b + pages * _PAGE):
+            j.new_runs.add(base)  # carved from bytes that may have been live when it began
 
     def _block(self, s: int, guard: bool) -> int:
         """Take a block of ``s`` bytes (8-aligned, >= MIN_BLOCK) from the bins or the

@@ -333,16 +333,19 @@ class Core(Allocator):
             return self._seq_call(fn, args)
         if not j.mode and self._w[_J_STATE]:
             self.finish_undo()
-        for mode in (J.ATOMIC, J.TX):
+        for mode in (J.ATOMIC, J.TX, J.TX, J.TX):
             self.open_bracket(mode)
             self._obj_depth = 1
             try:
                 r = fn(*args)
-            except JournalFullError:
+            except JournalFullError as e:
                 self._obj_depth = 0
                 self.close_bracket(False)
-                if mode == J.TX:
-                    raise
+                if mode == J.TX:  # again, with a log that would have held this attempt
+                    need = getattr(e, "needed", 0)
+                    if not need or need > self._cap:
+                        raise
+                    self.tx_log_want = max(self.tx_log_want * 2, need)
                 continue
             except BaseException:
                 self._obj_depth = 0
@@ -354,7 +357,8 @@ class Core(Allocator):
             if st is not None and (st.to_bury or self._w[_H_OBJ_GRAVE]):
                 self.after_op(self)
             return r
-        raise AssertionError("unreachable")
+        raise TransactionTooLargeError("an operation outgrew its transaction log three times "
+                                       "over, each time with a larger one")
 
     def finish_undo(self) -> None:
         """Finish a rollback an interrupt cut off; the version counter, left odd by it, goes on
@@ -762,7 +766,8 @@ class _Hold:
                         core.close_bracket(commit, self.durable)
                     finally:
                         if isinstance(ev, TransactionTooLargeError):
-                            core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE)
+                            core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE,
+                                                   ev.needed if ev.needed <= core._cap else 0)
         finally:
             while lk.owner == me and lk.depth > self.depth0:
                 lk.release()

@@ -352,8 +352,10 @@ class Journal:
     def _full(self, n: int = 8) -> JournalFullError:
         size = (self.end - self.base) * 8
         if self.mode == TX:
-            return TransactionTooLargeError(
+            e = TransactionTooLargeError(
                 f"transaction log full: {n} more bytes do not fit in its {size} bytes")
+            e.needed = (self.pos - self.base) * 8 + n + 64  # at least this log would have held it
+            return e
         what = "an atomic() bracket" if self.mode == ATOMIC else "an operation"
         return JournalFullError(f"{what} changes more than the {size} bytes of the operation "
                                 "journal hold; use heap.transaction() for large updates")

@@ -665,9 +665,45 @@ def _dict_new(st: _State, items: Iterable[tuple[Any, Any]] = (), refs: int = 0) 
     items = list(items)
     off = _new_obj(st, DICT, DICT_WORDS, refs)
     o = off >> 3
-    _dict_alloc(st, o, _table_for(max(len(items), 1)))
-    for k, v in items:
-        _dict_set(st, o, k, v)
+    parts = [_key_parts(st, k) for k, _ in items]
+    if len(items) <= MIN_TABLE or len({(h, kc, kb) for h, kc, kb in parts}) < len(items):
+        _dict_alloc(st, o, _table_for(max(len(items), 1)))  # (equal keys: dict's rules)
+        for k, v in items:
+            _dict_set(st, o, k, v)
+        return off
+    # Many distinct keys: the arrays are built here and written in one go. They are new in
+    # this operation (nothing logs them), where inserting one by one would log four header and
+    # index words an entry: a dict of 10**5 items stored in one operation would outgrow any log.
+    core = st.core
+    table = _table_for(len(items))
+    mask = table - 1
+    ecap = table * 2 // 3
+    ent = core.jmalloc(ecap * ENTRY * 8)
+    idx = core.jmalloc(table * 8)
+    index = [0] * table
+    flat: list[int] = []
+    for n, ((_, v), (h, kc, kb)) in enumerate(zip(items, parts, strict=True)):
+        if kc is None:
+            assert kb is not None
+            kc = core.jmalloc(len(kb))
+            _fill(st, kc, kb)
+        flat += (h, kc, _store(st, v))
+        i = h & mask
+        perturb = h
+        while index[i]:
+            perturb >>= 5
+            i = (i * 5 + perturb + 1) & mask
+        index[i] = n + 1
+    _fill(st, idx, _words(index))
+    _fill(st, ent, _words(flat))
+    s = core._j.set
+    s(o + D_USED, len(items))
+    s(o + D_COUNT, len(items))
+    s(o + D_ENTRIES, ent)
+    s(o + D_ECAP, ecap)
+    s(o + D_INDEX, idx)
+    s(o + D_MASK, mask)
+    s(o + D_VERSION, 1)
     return off
 
 
