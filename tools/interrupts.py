@@ -301,7 +301,7 @@ def _diff(a: object, b: object, path: str = "") -> str:
     if isinstance(a, (list, tuple)):
         if len(a) != len(b):  # type: ignore[arg-type]
             return f"{path or 'value'}: length {len(a)} vs {len(b)}"  # type: ignore[arg-type]
-        for i, (x, y) in enumerate(zip(a, b)):  # type: ignore[call-overload]
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):  # type: ignore[call-overload]
             if x != y:
                 return _diff(x, y, f"{path}[{i}]")
     r = repr(a)
