@@ -40,7 +40,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import pheap
 from pheap import format as F
 from pheap import journal
-from pheap import objects as O
+from pheap import objects as pobjects
 
 from conftest import reap
 
@@ -883,7 +883,7 @@ def test_lookups_and_inserts_in_a_small_table_never_give_up(ah):
     # heap's own hasher (the secret is random per heap, so the key differs per run).
     h.root["d"] = {k: k for k in range(5)}
     d = h.root["d"]
-    hasher = O._state(h).hasher
+    hasher = pobjects._state(h).hasher
     mask = 7
 
     def probe(hv: int, n: int) -> list[int]:
@@ -1267,7 +1267,7 @@ def test_an_ndarray_is_shared_memory_not_a_copy(h):
     b[1, 2] = 7
     assert a[1, 2] == 7
     off = heap_offset(h, a)
-    assert off % O.ARRAY_ALIGN == 0 and a.ctypes.data % 64 == 0
+    assert off % pobjects.ARRAY_ALIGN == 0 and a.ctypes.data % 64 == 0
     h.root["again"] = b  # the same array by a second name: no copy
     assert heap_offset(h, h.root["again"]) == off
     h.root["in list"] = [a, {"deep": b}]
@@ -1829,7 +1829,7 @@ def lock_free_reader(path: str, seconds: float, ready: int, go: int) -> None:
     is one that was written for that key or index."""
     h = pheap.open(path, "w")
     d, lst, c = h.root["d"], h.root["l"], h.root["c"]
-    assert O.LOCK_FREE_READS  # the machines these run on: the lock-free path is what's tested
+    assert pobjects.LOCK_FREE_READS  # on the machines these run on: what is tested here
     wait_for_go(ready, go)
     deadline = time.monotonic() + seconds
     reads = 0
@@ -1868,6 +1868,10 @@ def lock_free_reader(path: str, seconds: float, ready: int, go: int) -> None:
 
 @pytest.mark.timeout(120)
 def test_lock_free_reads_never_see_a_value_that_was_not_written(heap_path):
+    # (While test_a_failed_operation_is_never_seen_by_a_lock_free_reader fails, this one can
+    # too, now and then: the writer's bulk updates overflow the operation journal and are
+    # undone and retried, and a reader during such an undo has been seen to get another
+    # key's value, e.g. d["k6"] == ("k5", 23887), at PHEAP_OBJ_SCALE=5.)
     with pheap.open(heap_path, "n", size=1 << 16) as h:
         h.root["d"] = {f"k{i}": (f"k{i}", 0) for i in range(N_KEYS)}
         h.root["l"] = [(i, 0) for i in range(5)]
@@ -2502,3 +2506,39 @@ def test_opening_a_heap_that_another_process_is_growing_does_not_fail(heap_path,
         assert raced and h.root["d"] == {"a": 1}
     finally:
         h.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_free_reader_does_not_see_an_open_transaction(ah):
+    # BUG: inside heap.transaction() every operation makes the version counter even again
+    # when it ends, though the transaction may still abort. A reader in another process
+    # (which does not wait for the lock) reads the uncommitted value with a stable, even
+    # counter -- a value that, after the abort, was never written. (Same family as
+    # test_a_failed_operation_is_never_seen_by_a_lock_free_reader: the counter is even while
+    # an undo is still possible.)
+    h = ah
+    h.root["d"] = {"k": "committed"}
+    d = h.root["d"]
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def reader() -> None:
+        assert os.read(ready_r, 1) == b"r"
+        v = d.get("k")  # the transaction is open in the parent
+        os.write(done_w, b"d")
+        assert v == "committed", v
+
+    pid = fork(reader)
+    with pytest.raises(ZeroDivisionError):
+        with h.transaction():
+            d["k"] = "uncommitted"
+            os.write(ready_w, b"r")
+            # Wait for the reader, but not forever: a reader that waits for the lock is fine.
+            import select
+
+            select.select([done_r], [], [], 2.0)
+            raise ZeroDivisionError
+    assert reap(pid) == 0
+    assert d["k"] == "committed"
+    for fd in (ready_r, ready_w, done_r, done_w):
+        os.close(fd)
