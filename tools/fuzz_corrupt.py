@@ -74,6 +74,7 @@ import traceback
 import zlib
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -576,11 +577,11 @@ def d_block_footer(buf: bytearray, f: Facts, rng: random.Random) -> str:
 @kind
 def d_free_links(buf: bytearray, f: Facts, rng: random.Random) -> str:
     b, size = rng.choice(f.free_blocks)
-    i = (b >> 3) + rng.choice((1, 2))
+    which = rng.choice((1, 2))
+    i = (b >> 3) + which
     v = rng.choice((0, b, rng.choice(f.free_blocks)[0], rng.choice(f.used_blocks)[0],
                     near(rng, word(buf, i)), rng.choice(f.runs)[0] - 8))
-    return set_word(buf, i, v, f"{'next' if i & 1 == (b >> 3) + 1 & 1 else 'prev'} link of "
-                               f"free block {b}")
+    return set_word(buf, i, v, f"{'next' if which == 1 else 'prev'} link of free block {b}")
 
 
 @kind
@@ -1030,7 +1031,7 @@ class Workload:
                                                    rng.randint(F.RUN_LIMIT + 1, 9000))))
         return None
 
-    def bracket(self, ctx: pheap.heap._SessionContext) -> None:
+    def bracket(self, ctx: AbstractContextManager[pheap.Session]) -> None:
         """A transaction or atomic bracket: a logged rewrite of live bytes, a word store, a new
         slot and block, a free of something allocated in it; applied to the model on commit."""
         rng = self.rng
@@ -1151,7 +1152,7 @@ def examine(path: str, f: Facts, source: bytes, rng: random.Random) -> dict[str,
     except pheap.PheapError as e:  # raised where the phases do not expect one
         out = "reported late"
         log["error"] = f"{type(e).__name__}: {e}"
-    except BaseException as e:  # noqa: B036 - anything else is the finding
+    except BaseException as e:  # anything else is the finding
         out = "unexpected exception"
         log["detail"] = f"{type(e).__name__}: {e}\n" + "".join(
             traceback.format_exception(e)[-6:])
