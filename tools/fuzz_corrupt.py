@@ -528,7 +528,7 @@ def d_journal_forbidden(buf: bytearray, f: Facts, rng: random.Random) -> str:
     words = f.size >> 3
     how = rng.randrange(8)
     if how == 0:
-        recs = word_record(rng.randrange(F.H_CAPACITY), rng.getrandbits(64))
+        recs = word_record(rng.randrange(1, F.H_CAPACITY), rng.getrandbits(64))  # 0 ends
     elif how == 1:
         recs = word_record(rng.randrange(F.J_STATE, F.J_END), rng.getrandbits(64))
     elif how == 2:
@@ -551,7 +551,10 @@ def d_journal_forbidden(buf: bytearray, f: Facts, rng: random.Random) -> str:
 @kind
 def d_txlog_entry(buf: bytearray, f: Facts, rng: random.Random) -> str:
     put(buf, F.J_STATE, F.J_TX)
-    return set_word(buf, F.H_TXLOG, some_pointer(f, rng, f.txlog), "j_state 2 and txlog")
+    v = f.txlog
+    while v == f.txlog:  # another log than the one whose records are stale (txlog_stale)
+        v = some_pointer(f, rng, f.txlog)
+    return set_word(buf, F.H_TXLOG, v, "j_state 2 and txlog")
 
 
 # -- blocks and bins ------------------------------------------------------------------------------
@@ -1328,7 +1331,8 @@ def run(n: int, seed: int, jobs: int, kinds: list[str], verbose: bool, only: int
                        "failures": [{"case": c.k, "kind": c.kind, "outcome": c.outcome,
                                      "note": c.note, "diff": c.diff,
                                      "detail": c.result.get("detail", "")}
-                                    for c in done if c.outcome in FAILURES]}, fh, indent=1)
+                                    for c in done if c.outcome in FAILURES],
+                       "cases": [[c.k, c.kind, c.outcome, c.note] for c in done]}, fh, indent=1)
     return 1 if failures else 0
 
 
