@@ -636,7 +636,9 @@ class Allocator:
         j = self._j
         if n <= _RUN_LIMIT:
             p = self._slot(_CLASS_OF[n])
-            if j.mode >= _ATOMIC and p not in j.freed and p & -_PAGE not in j.new_runs:
+            if j.mode >= _ATOMIC and p not in j.freed and \
+                    ((p >> 12) - (self._b[self._meta + (p >> 12)] >> _PM_SHIFT)) << 12 \
+                    not in j.new_runs:  # (the run's first page: runs span up to 4 pages)
                 j.fresh[p] = p + _CSIZE[_CLASS_OF[n]]  # its bytes need no undo records
             return p
         if j.mode < _ATOMIC:
@@ -1301,14 +1303,24 @@ class Allocator:
                 total += self._release_wilderness(size)
                 continue
             hdr = w[b >> 3]
-            if not hdr & FREE or hdr & _SZ != size:
-                continue  # merged or reused since (a later operation of the same hold)
+            if not hdr & FREE or hdr & _SZ != size or w[((b + size) >> 3) - 1] != size or \
+                    not w[(b + size) >> 3] & PREV_FREE or self._inside_used(b):
+                continue  # merged or reused since (a later operation of the same bracket)
             w[b >> 3] = hdr | RELEASED
             journal.hit("release")
             if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
                 total += size - MIN_BLOCK - 8
         self.pending.clear()
         return total
+
+    def _inside_used(self, b: int) -> bool:
+        """Whether offset ``b`` lies inside a used block (a stale free header left in the
+        payload of a block that grew over it). O(distance / 512)."""
+        try:
+            self.containing(b + 8, 8)
+        except InvalidPointerError:
+            return False
+        return True
 
     def _release_wilderness(self, brk: int) -> int:
         """Give back the pages between brk + TOP_PAD and zero_from; they read as zero after."""
@@ -1478,7 +1490,7 @@ class Allocator:
             w = self._w
             for i in F.ENTRIES.values():
                 if w[i] == p:
-                    self._j.set(i, q)
+                    self._set_entry_word(i, q)
             self._pins = (w[_H_ROOT], w[_H_OBJECTS])
 
     def _split_tail(self, b: int, hdr: int, s: int) -> None:
@@ -1520,8 +1532,15 @@ class Allocator:
             return
         if off != 0:
             self.live_size(off)
-        self._bracket(self._j.set, i, off)
+        self._bracket(self._set_entry_word, i, off)
         self._pins = (self._w[_H_ROOT], self._w[_H_OBJECTS])
+
+    def _set_entry_word(self, i: int, v: int) -> None:
+        """Store entry word ``i`` (root, objects, txlog) and the entries' check word."""
+        w = self._w
+        st = self._j.set
+        st(i, v)
+        st(F.H_ENTRY_CHECK, F.entry_check(w[_H_ROOT], w[_H_OBJECTS], w[F.H_TXLOG]))
 
     # -- whole-heap operations ---------------------------------------------------------------
 
@@ -1715,11 +1734,16 @@ class Allocator:
         report(0.85)
 
         # 3. Entries and the transaction log.
+        F.check_entries(w)
         for name, i in [*F.ENTRIES.items(), ("txlog", F.H_TXLOG)]:
             v = w[i]
             if v and v - 8 not in used_blocks and not self._slot_live(v, runs):
                 raise CorruptHeapError(f"{F.at(name)}: {v} is not a live block (freed while "
                                        "still named here, or damaged)")
+        t = w[F.H_TXLOG]
+        if t and (t - 8 not in used_blocks or w[(t >> 3) - 1] & RUN):
+            raise CorruptHeapError(f"{F.at('txlog')}: {t} is a slot or a run, not a block of "
+                                   "its own")
 
         # 4. The bins and the class lists.
         self._check_bins(free_blocks)

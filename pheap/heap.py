@@ -37,6 +37,7 @@ from . import journal as J
 from .allocator import Allocator, BlockInfo, HeapStats
 from .errors import (
     CorruptHeapError,
+    DamagedJournalError,
     FormatError,
     HeapClosedError,
     InvalidPointerError,
@@ -241,6 +242,14 @@ class Core(Allocator):
         r = self.region
         w = self._w
         state = w[F.H_OWNER_STATE]
+        if w[F.J_STATE] and not w[F.H_OWNER_PID]:
+            # Every holder writes its pid before it changes anything and leaves it when it dies
+            # (or leaves work): a journal with no owner is stale or damaged, not a crash's.
+            raise DamagedJournalError(
+                f"{F.at('j_state')}: {w[F.J_STATE]} says an operation is pending, but "
+                f"{F.at('owner_pid')} is 0: no process held the lock; the journal is stale or "
+                "damaged, and undoing it could change committed data (pheap repair discards "
+                "it)")
         if w[F.J_STATE]:
             # Records may name words past the capacity the header shows now (a growth whose
             # capacity word an earlier, interrupted recovery already put back): map the whole
@@ -481,7 +490,7 @@ class Core(Allocator):
 
         def swap() -> None:
             new = self._block(F.request_to_block(max(nbytes, 2 * F.RUN_LIMIT)), False) + 8
-            self._j.set(F.H_TXLOG, new)
+            self._set_entry_word(F.H_TXLOG, new)
             if cur:
                 b = cur - 8
                 self._set_alloc_bit(b, False)
