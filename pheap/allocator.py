@@ -591,8 +591,11 @@ class Allocator:
                     base = (k << 3) & -4096
                     p = base + _CFIRST[c] + ((((k << 3) - base) << 3) + low.bit_length() - 1) \
                         * _CSIZE[c]
-                    if j.mode >= _ATOMIC and p not in j.freed and base not in j.new_runs:
-                        j.fresh[p] = p + _CSIZE[c]
+                    if j.mode >= _ATOMIC:
+                        if p not in j.freed and base not in j.new_runs:
+                            j.fresh[p] = p + _CSIZE[c]
+                        else:
+                            j.unfresh.add(p)
                     return p
         return self._bracket(self._malloc, n)  # type: ignore[return-value]
 
@@ -636,10 +639,13 @@ class Allocator:
         j = self._j
         if n <= _RUN_LIMIT:
             p = self._slot(_CLASS_OF[n])
-            if j.mode >= _ATOMIC and p not in j.freed and \
-                    ((p >> 12) - (self._b[self._meta + (p >> 12)] >> _PM_SHIFT)) << 12 \
-                    not in j.new_runs:  # (the run's first page: runs span up to 4 pages)
-                j.fresh[p] = p + _CSIZE[_CLASS_OF[n]]  # its bytes need no undo records
+            if j.mode >= _ATOMIC:
+                if p not in j.freed and \
+                        ((p >> 12) - (self._b[self._meta + (p >> 12)] >> _PM_SHIFT)) << 12 \
+                        not in j.new_runs:  # (the run's first page: runs span up to 4 pages)
+                    j.fresh[p] = p + _CSIZE[_CLASS_OF[n]]  # its bytes need no undo records
+                else:
+                    j.unfresh.add(p)
             return p
         if j.mode < _ATOMIC:
             return self._block((n + 15) & -8, guard) + 8
@@ -650,6 +656,8 @@ class Allocator:
         end = b + (self._w[b >> 3] & _SZ)
         if j.block_is_fresh(b, end):
             j.fresh[b + 8] = end
+        else:
+            j.unfresh.add(b + 8)
         return b + 8
 
     def _slot(self, c: int) -> int:

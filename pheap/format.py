@@ -40,11 +40,11 @@ offset   size  field            meaning
 200      8     txlog            offset of the transaction log block (0 = none yet)
 208      8     obj_seq          the object layer's version counter (odd while a writer is inside)
 216      8     obj_serial       the last serial number given to a shared object
-224      8     obj_grave        first object waiting to be freed (a list through the objects)
+224      8     obj_grave        first object waiting to be freed (a FIFO list through them)
 232      8     obj_all          first of all shared objects (a list through their headers)
 240      8     entry_check      ``entry_check(root, objects, txlog)``: a damaged entry word
                                 shows as a mismatch instead of naming the wrong block
-248      8     reserved         zero; later entries
+248      8     obj_grave_tail   last object waiting to be freed (0 when none)
 256      8     owner_pid        pid of the process holding the lock; left set on release when
                                 work is pending (0 = none): an acquirer that finds it set
                                 recovers first
@@ -262,6 +262,7 @@ H_OBJ_SERIAL: Final = 27  #: word index of obj_serial
 H_OBJ_GRAVE: Final = 28  #: word index of obj_grave
 H_OBJ_ALL: Final = 29  #: word index of obj_all
 H_ENTRY_CHECK: Final = 30  #: word index of entry_check
+H_OBJ_GRAVE_TAIL: Final = 31  #: word index of obj_grave_tail
 ENTRY_MIX: Final = 0x454E545259434B31  #: mixed into entry_check ("ENTRYCK1")
 
 H_OWNER_PID: Final = 32  #: word index of owner_pid
@@ -431,6 +432,7 @@ FIELD_OFFSETS: Final = {
     "peak_brk": H_PEAK_BRK * WORD, "txlog": H_TXLOG * WORD, "obj_seq": H_OBJ_SEQ * WORD,
     "obj_serial": H_OBJ_SERIAL * WORD, "obj_grave": H_OBJ_GRAVE * WORD,
     "obj_all": H_OBJ_ALL * WORD, "entry_check": H_ENTRY_CHECK * WORD,
+    "obj_grave_tail": H_OBJ_GRAVE_TAIL * WORD,
     "owner_pid": H_OWNER_PID * WORD, "owner_state": H_OWNER_STATE * WORD,
     "j_state": J_STATE * WORD,
 }

@@ -83,11 +83,13 @@ UNJOURNALED: Final = {
 }
 _SEEK_END: Final = os.SEEK_END
 _H_GENERATION: Final = F.H_GENERATION
+_H_CAPACITY: Final = F.H_CAPACITY
 _H_OWNER_PID: Final = F.H_OWNER_PID
 _H_ROOT: Final = F.H_ROOT
 _H_OBJECTS: Final = F.H_OBJECTS
 _H_OBJ_SEQ: Final = F.H_OBJ_SEQ
 _H_OBJ_GRAVE: Final = F.H_OBJ_GRAVE
+_M64: Final = (1 << 64) - 1  #: the version counter wraps (an even word stays even)
 _J_STATE: Final = F.J_STATE
 _cores: dict[tuple[int, int], Core] = {}  # one core per heap file/memfd in this process
 _cores_lock = threading.Lock()
@@ -143,6 +145,10 @@ class Core(Allocator):
         self._validated = False
         self._old_regions: list[Region] = []
         self._obj_depth = 0  # nesting of object-layer operations (the version counter is odd)
+        #: whether the open bracket is an object operation's own (not the user's, which other
+        #: operations share): only then were the places past a container's count unused when
+        #: it began, so that stores there need no records (pheap.objects)
+        self.own_bracket = False
         self.after_op: Any = None  #: the object layer's hook: free what lost its references
         self.objects: Any = None  #: the object layer's per-core state (pheap.objects)
         self.allow_pickle = False  #: whether the object layer may store and load pickles
@@ -187,7 +193,8 @@ class Core(Allocator):
                                    f"{os.lseek(fd, 0, _SEEK_END)} bytes, shorter than the "
                                    f"heap's capacity {self._cap}: something truncated it")
         w = self._w
-        if w[_H_GENERATION] != self._gen or w is not self.region.w:
+        if w[_H_GENERATION] != self._gen or w[_H_CAPACITY] != self._cap or \
+                w is not self.region.w:
             self.sync()
             w = self._w
         if self.readonly:
@@ -229,6 +236,7 @@ class Core(Allocator):
         self.held = 0
         self._j.reset()
         self.pending.clear()
+        _objects.after_fork(self)
 
     def _recover(self) -> None:
         """The last holder died holding the lock, or an operation of this process was cut off
@@ -267,7 +275,7 @@ class Core(Allocator):
         if state == F.STATE_REBUILD:
             self.rebuild()
         if w[F.H_OBJ_SEQ] & 1:
-            w[F.H_OBJ_SEQ] += 1  # a writer of the object layer died: readers may go on
+            w[F.H_OBJ_SEQ] = (w[F.H_OBJ_SEQ] + 1) & _M64  # a writer died: readers may go on
         w[F.H_RECOVERIES] += 1
         w[F.H_OWNER_STATE] = F.STATE_IDLE
         w[F.H_OWNER_PID] = 0
@@ -345,10 +353,12 @@ class Core(Allocator):
         for mode in (J.ATOMIC, J.TX, J.TX, J.TX):
             self.open_bracket(mode)
             self._obj_depth = 1
+            self.own_bracket = True
             try:
                 r = fn(*args)
             except JournalFullError as e:
                 self._obj_depth = 0
+                self.own_bracket = False
                 self.close_bracket(False)
                 if mode == J.TX:  # again, with a log that would have held this attempt
                     need = getattr(e, "needed", 0)
@@ -358,9 +368,11 @@ class Core(Allocator):
                 continue
             except BaseException:
                 self._obj_depth = 0
+                self.own_bracket = False
                 self.close_bracket(False)
                 raise
             self._obj_depth = 0
+            self.own_bracket = False
             self.close_bracket(True)
             st = self.objects
             if st is not None and (st.to_bury or self._w[_H_OBJ_GRAVE]):
@@ -376,7 +388,7 @@ class Core(Allocator):
         w = self._w
         s = w[_H_OBJ_SEQ]
         if s & 1 and not self._obj_depth:
-            w[_H_OBJ_SEQ] = s + 1  # unlogged: even again, and changed
+            w[_H_OBJ_SEQ] = (s + 1) & _M64  # unlogged: even again, and changed
 
     def _seq_call(self, fn: Any, args: tuple[Any, ...]) -> Any:
         """Run ``fn`` with the version counter odd, and even again (one step on) afterwards,
@@ -396,7 +408,7 @@ class Core(Allocator):
             return fn(*args)
         finally:
             self._obj_depth = 0
-            self._w[_H_OBJ_SEQ] = (s | 1) + 1  # unlogged: even again, and changed
+            self._w[_H_OBJ_SEQ] = ((s | 1) + 1) & _M64  # unlogged: even again, and changed
 
     def run(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` with the lock held (re-entrant): the path of every Heap call. Written
@@ -443,6 +455,7 @@ class Core(Allocator):
         if self.pending:
             self.release_pending()
         self.fast = 0
+        self.own_bracket = False  # (an object operation sets it once this returns)
         try:
             j.open_bracket(mode, self._meta)
             w = self._w
@@ -460,6 +473,7 @@ class Core(Allocator):
         the commit or the undo: a reader that skips the lock never takes a state the bracket
         had not finished (nor one it undid) for a clean one. If the undo is cut off, the counter
         stays odd until recovery finishes it (readers take the lock meanwhile)."""
+        self.own_bracket = False
         try:
             self._j.close_bracket(commit, durable)
         finally:
@@ -469,7 +483,7 @@ class Core(Allocator):
         w = self._w
         s = w[_H_OBJ_SEQ]
         if s & 1:
-            w[_H_OBJ_SEQ] = s + 1  # unlogged: even again, and changed
+            w[_H_OBJ_SEQ] = (s + 1) & _M64  # unlogged: even again, and changed
         if commit and self.pending:
             self.release_pending()
         if self._fast_ok and self.lock.owner == _get_ident():
@@ -557,6 +571,10 @@ class Core(Allocator):
         """Unmap and close. Never raises."""
         if self.closed:
             return
+        try:
+            _objects.before_close(self)
+        except Exception:
+            pass
         self.closed = True
         self.fast = 0
         self.held = 0
@@ -946,7 +964,8 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
     when that is not 0). New files get ``mode`` (0600). Creation is atomic: the heap is built under
     a temporary name and linked into place, so processes racing to create ``path`` all end up
     with the one complete heap. Opening is O(1): the header is validated, nothing is scanned.
-    A second ``open`` of the same file in one process shares the first one's lock and journal.
+    A second ``open`` of the same file in one process shares the first one's lock, journal and
+    objects (so it must agree on ``allow_pickle``: ValueError otherwise).
 
     ``durability``: ``"process"`` (every operation survives the death of any process) or
     ``"power"`` (also an OS crash or power loss: an msync around every commit).
@@ -993,7 +1012,11 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, size: int = DEFAULT_S
                     else:
                         os.close(fd)
                     fd = -1
-                    core.allow_pickle = core.allow_pickle or allow_pickle
+                    if core.allow_pickle != allow_pickle:
+                        raise ValueError(
+                            f"{path} is open in this process with allow_pickle="
+                            f"{core.allow_pickle}; a second handle shares its objects, so it "
+                            f"cannot have allow_pickle={allow_pickle}: open it the same way")
                     return Heap(core, readonly, lock_timeout)
             _, cap = F.read_header(fd, path)
             region = Region.open_file(path, cap, readonly=readonly, fd=fd)
@@ -1094,7 +1117,8 @@ def _reattach_file(path: str, flag: str, lock_timeout: float | None,
                 allow_pickle=allow_pickle)
 
 
-def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> Heap:
+def _reattach_memfd(dupfd: Any, lock_timeout: float | None,
+                    allow_pickle: bool = False) -> Heap:
     fd = dupfd.detach()
     try:
         st = os.fstat(fd)
@@ -1110,6 +1134,7 @@ def _reattach_memfd(dupfd: Any, lock_timeout: float | None) -> Heap:
         if fd >= 0:
             os.close(fd)
     core = Core(region, lock_timeout=lock_timeout, key=key)
+    core.allow_pickle = allow_pickle
     with _cores_lock:
         _cores[key] = core
     return Heap(core, False, lock_timeout)
@@ -1592,7 +1617,8 @@ class Heap:
         if kind == "memfd":
             from multiprocessing import reduction
 
-            return (_reattach_memfd, (reduction.DupFd(self._core.region.fd), self.lock_timeout))
+            return (_reattach_memfd, (reduction.DupFd(self._core.region.fd), self.lock_timeout,
+                                      self._core.allow_pickle))
         raise TypeError("an anonymous heap cannot be sent to another process: it is shared with "
                         "forked children only; use pheap.memfd() or a heap file instead")
 

@@ -261,7 +261,8 @@ class Journal:
     """
 
     __slots__ = ("w", "_region", "mode", "pos", "base", "end", "durable", "fresh", "freed",
-                 "freed_spans", "new_runs", "at_brk", "at_meta", "at_cap", "set", "_crashy")
+                 "freed_spans", "new_runs", "unfresh", "at_brk", "at_meta", "at_cap", "set",
+                 "_crashy")
 
     def __init__(self, region: Region, durable: bool = False) -> None:
         self._region = region
@@ -277,6 +278,9 @@ class Journal:
         #: bracket. Stores into them are not logged.
         self.fresh: dict[int, int] = {}
         self.freed: set[int] = set()  #: slots freed in the open bracket (never fresh again)
+        #: allocations made in the open bracket that are not fresh (their bytes may have been
+        #: live when it began): the layers above log every store into them
+        self.unfresh: set[int] = set()
         #: blocks freed in the open bracket, [start, end) with headers (live when it began,
         #: maybe: an allocation that overlaps one is not fresh)
         self.freed_spans: list[tuple[int, int]] = []
@@ -481,6 +485,8 @@ class Journal:
             self.freed_spans.clear()
         if self.new_runs:
             self.new_runs.clear()
+        if self.unfresh:
+            self.unfresh.clear()
 
     def overlaps_freed(self, start: int, end: int) -> bool:
         """Whether [start, end) overlaps a block freed in the open bracket (or more were freed

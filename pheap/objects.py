@@ -64,6 +64,7 @@ object raise ReferenceError. Freeing is done a bounded step at a time after each
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue as _queue
 import threading
@@ -85,7 +86,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import codec
 from . import format as F
-from .errors import CorruptHeapError, InvalidPointerError, JournalFullError, PheapError
+from .errors import (
+    CorruptHeapError,
+    HeapClosedError,
+    InvalidPointerError,
+    JournalFullError,
+    PheapError,
+)
 from .journal import ATOMIC as _ATOMIC  # mode of an atomic bracket (a transaction's is above)
 
 if TYPE_CHECKING:
@@ -162,11 +169,15 @@ UNJOURNALED: Final = {
     "_fill": "bytes of a new allocation: logged first (Journal.log_range) unless fresh",
     "_store": "a new blob's bytes (_fill inlined): logged first unless fresh",
     "_dict_insert": "an entry past 'used', which nothing reads until the journaled 'used' "
-                    "store publishes it (an undo puts 'used' back: the entry is garbage again)",
-    "_list_append": "a cell past 'len', published by the journaled 'len' store",
-    "_queue_put": "a cell past the ring's used part, published by the journaled 'len' store",
+                    "store publishes it (an undo puts 'used' back: the entry is garbage "
+                    "again) -- only in the operation's own bracket, and only in an array that "
+                    "was not live when it began (else logged)",
+    "_list_append": "a cell past 'len', published by the journaled 'len' store (same terms)",
+    "_queue_put": "a cell past the ring's used part, published by the journaled 'len' store "
+                  "(same terms)",
     "_new_obj": "the header of an object just allocated in the operation (fresh or logged)",
     "_counter_store": "a counter's one aligned word outside a bracket (journaled inside one)",
+    "_array_copy": "the data of an array made in the operation: logged first unless fresh",
 }
 
 _get_ident = threading.get_ident
@@ -192,12 +203,27 @@ class _Torn(Exception):
 class _State:
     """The object layer's state for one core (one mapped heap in this process)."""
 
-    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "pid", "heap", "lock",
-                 "keys", "bkeys", "deref", "__weakref__")
+    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "pid", "heaps", "lock",
+                 "keys", "bkeys", "deref", "views", "view_off", "__weakref__")
+
+    def live_heap(self) -> Heap:
+        """An open Heap handle of this heap (object handles outlive the one that made them);
+        a closed one when none is open (then every use says the heap is closed)."""
+        last = None
+        for h in list(self.heaps):
+            if not h.closed:
+                return h
+            last = h
+        if last is None:
+            raise HeapClosedError("no handle of this heap is open in this process")
+        return last
 
     def __init__(self, core: Core, heap: Heap) -> None:
         self.core = core
-        self.heap = heap  #: a handle to build object handles with (pickling re-attaches it)
+        #: the Heap handles of this heap in the process (pickling re-attaches through one)
+        self.heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
+        if heap is not None:
+            self.heaps.add(heap)
         w = core._w
         secret = bytes(core.region.mm[F.H_SECRET * 8:F.H_SECRET * 8 + 16])
         self.hasher = codec.StableHasher(secret)
@@ -210,6 +236,12 @@ class _State:
         self.keys: dict[str, tuple[int, int | None, bytes | None]] = {}  # str keys' parts
         self.bkeys: dict[bytes, tuple[int, int | None, bytes | None]] = {}  # bytes keys' parts
         self.deref = lambda off: _handle(self, off)  # for codec.decode: a ref's handle
+        #: array offset -> {id: weak reference} of the ctypes arrays under this process's views
+        #: of it (one alive: the object is kept); ctypes arrays are unhashable, hence the ids
+        self.views: dict[int, dict[int, weakref.ref[Any]]] = {}
+        #: id of a view's ctypes array -> (weak reference, array offset): how a stored view is
+        #: recognised
+        self.view_off: dict[int, tuple[weakref.ref[Any], int]] = {}
         del w
 
 
@@ -226,9 +258,63 @@ def _state(heap: Heap | None, core: Core | None = None) -> _State:
         st.floating = {}
         st.to_bury = []
         st.lock = threading.Lock()
-    if st.heap is None and heap is not None:
-        st.heap = heap
+    if heap is not None:
+        st.heaps.add(heap)
     return st  # type: ignore[no-any-return]
+
+
+def after_fork(core: Core) -> None:
+    """In a forked child: the parent's floating objects are the parent's (this process buries
+    only what its own handles kept)."""
+    st = core.objects
+    if st is not None:
+        st.pid = os.getpid()
+        st.floating = {}
+        st.to_bury = []
+        st.lock = threading.Lock()
+
+
+def before_close(core: Core) -> None:
+    """The last handle of a heap in this process closes: every object floating for this
+    process is buried now -- the handles that kept it cannot be used once the heap is closed
+    -- with the lock if it comes within a second, rather than left for gc()."""
+    st = core.objects
+    if st is None or core.readonly or st.pid != os.getpid() or \
+            not (st.to_bury or st.floating):
+        return
+    try:
+        core.acquire(1.0)
+    except Exception:
+        return
+    try:
+        w = core._w
+        for off in list(st.floating) + st.to_bury:
+            o = off >> 3
+            kind = _kind_at(w, o)
+            if kind == ARRAY and _kept_here(st, off):
+                continue  # a numpy array or memoryview of it may outlive the handle: kept
+            if kind and w[o + O_SERIAL] and not w[o + O_REFS] and w[o + O_FLOAT] == st.pid:
+                core._seq_call(core._bracket, (_bury_one, st, off))
+        st.floating.clear()
+        st.to_bury.clear()
+        core._seq_call(reap, (st, 1))
+    except Exception:
+        pass
+    finally:
+        core.lock.release()
+
+
+def _at_exit() -> None:
+    """At interpreter exit (after weakref's finalizers ran: atexit calls run last registered
+    first, and this one is registered before any finalizer exists) bury what they dropped."""
+    from .heap import _cores
+
+    for core in list(_cores.values()):
+        if not core.closed:
+            before_close(core)
+
+
+atexit.register(_at_exit)
 
 
 def _after_op(core: Core) -> None:
@@ -255,10 +341,15 @@ def _fill(st: _State, p: int, data: bytes | memoryview) -> None:
 def _store(st: _State, v: Any) -> int:
     """The cell for ``v`` in a container (inside an operation): an immediate, a ref (the
     object's refs go up; a plain dict/list/array becomes a shared copy), or a new blob."""
+    t = type(v)
+    if t is memoryview:  # a heap buffer's view, even an empty one, is a ref, not bytes
+        off = _array_of(st, v)
+        if off:
+            _incref(st, off)
+            return codec.ref_cell(off)
     c = codec.cell(v)
     if c is not None:
         return c
-    t = type(v)
     if t is str or t is bytes or t is int or t is float:  # no refs inside: encoded directly
         blob = codec.encode(v)
     else:
@@ -295,7 +386,17 @@ def _ref_of(st: _State, v: Any) -> int | None:
     if off:
         _incref(st, off)
         return codec.ref_cell(off)
+    if getattr(t, "__module__", "") == "numpy" and hasattr(v, "__array_interface__") and \
+            hasattr(v, "shape") and t.__name__ != "generic" and getattr(v, "ndim", 0) >= 0 and \
+            not _is_numpy_scalar(v):
+        return codec.ref_cell(_array_copy(st, v, refs=1))  # a shared copy, like a plain list
     return None
+
+
+def _is_numpy_scalar(v: Any) -> bool:
+    import numpy as np
+
+    return isinstance(v, np.generic)
 
 
 def _load(st: _State, c: int) -> Any:
@@ -372,9 +473,8 @@ def _incref(st: _State, off: int) -> None:
     st_(o + O_REFS, refs + 1)
     if not refs and w[o + O_FLOAT]:
         st_(o + O_FLOAT, 0)  # stored: no longer kept by a process
-        fin = st.floating.pop(off, None)
-        if fin is not None:
-            fin.detach()
+        # (its handle's finalizer stays: if this operation is undone, the object floats again
+        # and is still watched; if not, burying it later finds refs > 0 and does nothing)
 
 
 def _decref(st: _State, off: int) -> None:
@@ -392,6 +492,8 @@ def _decref(st: _State, off: int) -> None:
         if h is not None:  # a handle here still uses it: it floats, kept by this process
             core._j.set(o + O_FLOAT, st.pid)
             _watch_float(st, h)
+        elif _views_alive(st, off):  # an array a view of this process still shows: floats
+            core._j.set(o + O_FLOAT, st.pid)
         else:
             _bury(st, off)
 
@@ -402,9 +504,22 @@ def _bury(st: _State, off: int) -> None:
     core = st.core
     w = core._w
     o = off >> 3
-    core._j.set(o + O_SERIAL, 0)
-    core._j.set(o + O_NEXT, w[F.H_OBJ_GRAVE])
-    core._j.set(F.H_OBJ_GRAVE, off)
+    s = core._j.set
+    s(o + O_SERIAL, 0)
+    s(o + O_NEXT, 0)
+    tail = w[F.H_OBJ_GRAVE_TAIL]  # first in, first out: the object being freed stays first
+    if tail and w[F.H_OBJ_GRAVE]:
+        s((tail >> 3) + O_NEXT, off)
+    else:
+        s(F.H_OBJ_GRAVE, off)
+    s(F.H_OBJ_GRAVE_TAIL, off)
+
+
+def _dropped(st: _State, off: int) -> None:
+    """A finalizer: a handle or view of ``off`` went; bury the object at the next call if it
+    floats for this process and nothing here keeps it (the list is the one of now: a forked
+    child has its own)."""
+    st.to_bury.append(off)
 
 
 def _watch_float(st: _State, h: SharedObject) -> None:
@@ -412,7 +527,7 @@ def _watch_float(st: _State, h: SharedObject) -> None:
     off = h._off
     if off in st.floating:
         return
-    st.floating[off] = weakref.finalize(h, st.to_bury.append, off)
+    st.floating[off] = weakref.finalize(h, _dropped, st, off)
 
 
 def reap(st: _State, steps: int = 1 << 62) -> int:
@@ -443,6 +558,8 @@ def _bury_dropped(st: _State) -> None:
         h = st.handles.get(off)
         if h is not None:  # a new handle of it appeared meanwhile (an unpickled one)
             _watch_float(st, h)
+            continue
+        if _views_alive(st, off):  # another view of the array still lives: its finalizer
             continue
         w = core._w
         o = off >> 3
@@ -507,7 +624,13 @@ def _reap_step(st: _State, left: int) -> None:
     elif kind != COUNTER:
         raise CorruptHeapError(f"offset {off}: the graveyard holds something that is not an "
                                "object")
-    core._j.set(F.H_OBJ_GRAVE, w[o + O_NEXT])
+    if w[F.H_OBJ_GRAVE] != off:
+        raise CorruptHeapError(f"{F.at('obj_grave')}: the object freed ({off}) is no longer "
+                               "first in the graveyard")
+    nxt = w[o + O_NEXT]
+    core._j.set(F.H_OBJ_GRAVE, nxt)
+    if not nxt:
+        core._j.set(F.H_OBJ_GRAVE_TAIL, 0)
     core._j.set(o + O_KIND, 0)  # no longer an object (a stray handle's check fails)
     nxt, prev = w[o + O_ALL_NEXT], w[o + O_ALL_PREV]  # off the list of all objects
     if nxt:
@@ -542,6 +665,8 @@ def _read(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, a pure reader: without the lock when that is safe (see the module
     docstring), else under it. ``fn`` returns _MISSING rather than raising for a missing key."""
     core = st.core
+    if core.closed:
+        raise HeapClosedError("the heap is closed")
     if core.held == _get_ident() or not LOCK_FREE_READS:
         return core.run(fn, *args) if core.held != _get_ident() else fn(*args)
     for _ in range(READ_TRIES):
@@ -584,6 +709,7 @@ def _handle(st: _State, off: int) -> Any:
     h._st = st
     h._off = off
     h._serial = w[o + O_SERIAL]
+    h._heap = st.live_heap()  # a handle keeps a Heap of its heap open
     st.handles[off] = h
     return h
 
@@ -593,7 +719,7 @@ class SharedObject:
     serial number; it re-attaches in other processes when pickled (the heap re-attaches with
     it: file heaps by path, memfd heaps by descriptor)."""
 
-    __slots__ = ("_st", "_off", "_serial", "__weakref__")
+    __slots__ = ("_st", "_off", "_serial", "_heap", "__weakref__")
     _kind: int = 0
 
     def _o(self) -> int:
@@ -619,20 +745,41 @@ class SharedObject:
 
     @property
     def heap(self) -> Heap:
-        """The heap the object lives in."""
-        return self._st.heap
+        """The heap the object lives in (an open handle of it, while there is one)."""
+        h = self._heap
+        if h.closed:
+            h = self._heap = self._st.live_heap()
+        return h
 
     def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._st.core.op(fn, self, *args)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reattach, (self._st.heap, self._off, self._serial, self._kind))
+        return (_reattach, (self.heap, self._off, self._serial, self._kind))
 
-    def __copy__(self) -> SharedObject:
-        return self
+    def __copy__(self) -> Any:
+        """``copy.copy``: a plain dict or list of a shared dict or list (its values as they
+        are: nested shared objects stay shared); a queue or counter is itself."""
+        plain = getattr(self, "copy", None)
+        return plain() if plain is not None else self
 
     def __deepcopy__(self, memo: Any) -> Any:
-        return self.copy()  # type: ignore[attr-defined]
+        """``copy.deepcopy``: plain dicts and lists all the way down, independent of the heap
+        (arrays become numpy's copies); a queue or counter is itself."""
+        import copy as _copy
+
+        if isinstance(self, SharedDict):
+            d: dict[Any, Any] = {}
+            memo[id(self)] = d
+            for k, v in self.copy().items():
+                d[_copy.deepcopy(k, memo)] = _copy.deepcopy(v, memo)
+            return d
+        if isinstance(self, SharedList):
+            lst: list[Any] = []
+            memo[id(self)] = lst
+            lst.extend(_copy.deepcopy(v, memo) for v in self.copy())
+            return lst
+        return self
 
     def __hash__(self) -> int:  # mutable containers are unhashable, like dict and list
         raise TypeError(f"unhashable type: '{type(self).__name__}'")
@@ -644,6 +791,8 @@ def _reattach(heap: Heap, off: int, serial: int, kind: int) -> SharedObject:
     if not isinstance(h, SharedObject) or h._serial != serial or h._kind != kind:
         raise ReferenceError(f"the shared {KINDS.get(kind, 'object')} at offset {off} was freed "
                              "before this handle arrived")
+    if h._heap.closed:
+        h._heap = heap
     return h
 
 
@@ -870,10 +1019,15 @@ def _dict_insert(st: _State, o: int, slot: int, h: int, kc: int, vc: int) -> Non
     w = core._w
     used = w[o + D_USED]
     b = (w[o + D_ENTRIES] >> 3) + ENTRY * used
-    w[b] = h  # unlogged: past 'used', published by the store of 'used' below
-    w[b + 1] = kc  # unlogged: past 'used'
-    w[b + 2] = vc  # unlogged: past 'used'
     s = core._j.set
+    if core.own_bracket and w[o + D_ENTRIES] not in core._j.unfresh:
+        w[b] = h  # unlogged: past 'used', published by the store of 'used' below
+        w[b + 1] = kc  # unlogged: past 'used'
+        w[b + 2] = vc  # unlogged: past 'used'
+    else:  # a bracket of the user's: 'used' may have been higher when it began
+        s(b, h)
+        s(b + 1, kc)
+        s(b + 2, vc)
     s((w[o + D_INDEX] >> 3) + slot, used + 1)
     s(o + D_USED, used + 1)
     s(o + D_COUNT, w[o + D_COUNT] + 1)
@@ -1008,7 +1162,7 @@ class SharedDict(SharedObject, MutableMapping[Any, Any]):
     def __getitem__(self, key: Any) -> Any:
         st = self._st
         core = st.core
-        if LOCK_FREE_READS and core.held != _get_ident():  # _read's first try, inlined
+        if LOCK_FREE_READS and core.held != _get_ident() and not core.closed:  # _read's try
             w = core._w
             s = w[_H_OBJ_SEQ]
             if not s & 1:
@@ -1152,7 +1306,7 @@ class SharedDict(SharedObject, MutableMapping[Any, Any]):
     def fromkeys(self, iterable: Iterable[Any], value: Any = None) -> SharedDict:
         """A new shared dict in the same heap with keys from ``iterable``, each set to
         ``value`` (called on a dict, as ``d.fromkeys(...)``: the heap comes from it)."""
-        return new_dict(self._st.heap, dict.fromkeys(iterable, value))
+        return new_dict(self.heap, dict.fromkeys(iterable, value))
 
 
 def _set_item(d: SharedDict, key: Any, value: Any) -> None:
@@ -1276,10 +1430,17 @@ def _list_append(st: _State, o: int, values: list[Any]) -> None:
         _list_grow(st, o, need)
         w = core._w
     items = w[o + L_ITEMS] >> 3
+    # Unlogged past 'len' only in the operation's own bracket (a user's: 'len' may have been
+    # higher when it began) and into an array that was not live then (made in it, not fresh)
+    own = core.own_bracket and w[o + L_ITEMS] not in core._j.unfresh
     for v in values:
-        w[items + n] = _store(st, v)  # unlogged: past 'len', published by its store below
-        n += 1
+        c = _store(st, v)
         w = core._w
+        if own:
+            w[items + n] = c  # unlogged: past 'len', published by its store below
+        else:
+            core._j.set(items + n, c)
+        n += 1
     core._j.set(o + L_LEN, n)
     core._j.set(o + L_VERSION, w[o + L_VERSION] + 1)
 
@@ -1603,7 +1764,10 @@ def _queue_put(q: SharedQueue, v: Any) -> bool:
     c = _store(st, v)
     w = core._w
     k = (w[o + Q_ITEMS] >> 3) + (w[o + Q_HEAD] + n) % cap
-    w[k] = c  # unlogged: past the ring's used part, published by the store of 'len' below
+    if core.own_bracket and w[o + Q_ITEMS] not in core._j.unfresh:
+        w[k] = c  # unlogged: past the ring's used part, published by the store of 'len' below
+    else:  # a bracket of the user's: a get in it may have left this place for the undo
+        core._j.set(k, c)
     core._j.set(o + Q_LEN, n + 1)
     core._j.set(o + Q_PUTS, w[o + Q_PUTS] + 1)
     return True
@@ -1653,7 +1817,8 @@ class SharedQueue(SharedObject):
         :class:`queue.Full` at once."""
         if self._op(_queue_put, item):
             return
-        _wait(lambda: self._op(_queue_put, item), block, timeout, _queue.Full)
+        _wait(lambda: None if self._op(_queue_put, item) else _MISSING, block, timeout,
+              _queue.Full)
 
     def put_nowait(self, item: Any) -> None:
         """``put(item, block=False)``."""
@@ -1700,8 +1865,8 @@ class SharedQueue(SharedObject):
 
 def _wait(attempt: Callable[[], Any], block: bool, timeout: float | None,
           exc: type[Exception]) -> Any:
-    """Retry ``attempt`` (which returns _MISSING or False while it cannot proceed), sleeping
-    between tries, until it succeeds or ``timeout`` passes."""
+    """Retry ``attempt`` (which returns _MISSING while it cannot proceed, else its result),
+    sleeping between tries, until it succeeds or ``timeout`` passes."""
     if not block:
         raise exc
     if timeout is not None and timeout < 0:
@@ -1718,8 +1883,8 @@ def _wait(attempt: Callable[[], Any], block: bool, timeout: float | None,
             time.sleep(delay)
         delay = min(delay * 2, QUEUE_POLL_MAX)
         r = attempt()
-        if r is not _MISSING and r is not False:
-            return None if r is True else r
+        if r is not _MISSING:
+            return r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1795,6 +1960,8 @@ class SharedCounter(SharedObject):
     def value(self) -> int:
         """The value now (one aligned word: read without the lock where reads may skip it)."""
         core = self._st.core
+        if core.closed:
+            raise HeapClosedError("the heap is closed")
         if LOCK_FREE_READS:
             try:
                 return _from_i64(core._w[self._o() + C_VALUE])
@@ -1874,85 +2041,112 @@ def _array_meta(w: memoryview, off: int) -> tuple[str, tuple[int, ...], int, int
 
 
 def _array_view(st: _State, off: int) -> Any:
-    """A numpy array (or, for a buffer, a memoryview) over the array object's data."""
+    """A numpy array (or, for a buffer, a memoryview) over the array object's data. Every view
+    rests on a ctypes array of this process made for it, which the process tracks: while one
+    lives, the object is not freed here (it floats), and storing the view stores the object."""
+    import ctypes
+
     core = st.core
     dtype, shape, data, nbytes = _array_meta(core._w, off)
     if data + nbytes > core._cap:
         raise _Torn
-    mv = core.region.b[data:data + nbytes]
+    cbuf = (ctypes.c_char * nbytes).from_buffer(core.region.mm, data)
+    key = id(cbuf)
+
+    def gone(_: Any, st: _State = st, off: int = off, key: int = key) -> None:
+        views = st.views.get(off)
+        if views is not None:
+            views.pop(key, None)
+            if not views:
+                del st.views[off]
+        st.view_off.pop(key, None)
+        st.to_bury.append(off)  # the last view gone: buried at the next call if it floats
+
+    ref = weakref.ref(cbuf, gone)
+    st.views.setdefault(off, {})[key] = ref
+    st.view_off[key] = (ref, off)
     if dtype == "|mv":
-        _track(st, off, mv)
-        return mv
+        return memoryview(cbuf).cast("B")
     import numpy as np
 
-    a = np.ndarray(shape, dtype=np.dtype(dtype), buffer=mv)
-    _track(st, off, a)
-    return a
+    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=cbuf)
 
 
-def _track(st: _State, off: int, view: Any) -> None:
-    """Views handed out are found again by address (_array_of): nothing to record."""
+def _views_alive(st: _State, off: int) -> bool:
+    views = st.views.get(off)
+    return bool(views) and any(r() is not None for r in list(views.values()))
 
 
-def _address(v: Any) -> tuple[int, int] | None:
-    """(address, bytes) of the memory a numpy array or a writable memoryview shows."""
-    ai = getattr(v, "__array_interface__", None)
-    if ai is not None:
-        if not v.flags["C_CONTIGUOUS"]:
-            return None
-        return int(ai["data"][0]), int(v.nbytes)
-    if isinstance(v, memoryview):
-        if v.readonly or not v.c_contiguous or not v.nbytes:
-            return None
-        import ctypes
-
-        c = ctypes.c_char.from_buffer(v)
-        try:
-            return ctypes.addressof(c), v.nbytes
-        finally:
-            del c
-    return None
-
-
-def _mapping_bases(core: Core) -> list[tuple[int, int]]:
-    """(address, size) of every mapping of the heap in this process that views may show."""
-    import ctypes
-
-    out = []
-    r = core.region
-    for mm in [r.mm, *r._old]:
-        try:
-            c = ctypes.c_char.from_buffer(mm)
-        except (TypeError, ValueError):
-            continue
-        try:
-            out.append((ctypes.addressof(c), len(mm)))
-        finally:
-            del c
-    return out
+def _view_off(st: _State, base: Any) -> int | None:
+    """The array offset of the ctypes array ``base`` under a view of this process, or None."""
+    e = st.view_off.get(id(base))
+    return e[1] if e is not None and e[0]() is base else None
 
 
 def _array_of(st: _State, v: Any) -> int:
-    """The offset of the array object whose whole data ``v`` (a numpy array or memoryview)
-    shows, found by address; 0 when ``v`` is not one of this heap's arrays."""
+    """The offset of the array object that ``v`` (a numpy array or memoryview) is exactly a
+    view of -- the same data, shape and type -- found through the view's base object; 0
+    otherwise (a view of part of one, reshaped or retyped, is stored as a copy of what it
+    shows)."""
     t = type(v)
-    if t is not memoryview and getattr(t, "__module__", "") != "numpy":
+    if t is memoryview:
+        base = v.obj
+        off = _view_off(st, base) if _is_cbuf(base) else None
+        if off is None:
+            return 0
+        import ctypes
+
+        w = st.core._w
+        o = off >> 3
+        ok = (w[o] == MAGIC | ARRAY and w[o + O_SERIAL] and not v.readonly and
+              v.format == "B" and v.ndim == 1 and v.nbytes == w[o + A_NBYTES] and
+              (not v.nbytes or ctypes.addressof(ctypes.c_char.from_buffer(v)) ==
+               ctypes.addressof(base)))
+        return int(off) if ok else 0
+    if getattr(t, "__module__", "") != "numpy" or not hasattr(v, "__array_interface__"):
         return 0
-    where = _address(v)
-    if where is None:
+    base = v
+    for _ in range(64):  # numpy views chain to the ctypes array the first one was made over
+        if _is_cbuf(base):
+            break
+        base = getattr(base, "base", None)
+        if base is None:
+            return 0
+    off = _view_off(st, base) if _is_cbuf(base) else None
+    if off is None:
         return 0
-    addr, n = where
+    import ctypes
+
+    w = st.core._w
+    o = off >> 3
+    if w[o] != MAGIC | ARRAY or not w[o + O_SERIAL]:
+        return 0
+    dtype, shape, _, nbytes = _array_meta(w, off)
+    ok = (v.dtype.str == dtype and tuple(v.shape) == shape and v.flags["C_CONTIGUOUS"] and
+          v.flags["WRITEABLE"] and v.__array_interface__["data"][0] == ctypes.addressof(base))
+    return int(off) if ok else 0
+
+
+def _is_cbuf(x: Any) -> bool:
+    return type(x).__name__.startswith("c_char_Array_")
+
+
+def _array_copy(st: _State, v: Any, refs: int) -> int:
+    """A new array object holding a copy of numpy array ``v`` (a plain numeric dtype)."""
+    import numpy as np
+
+    dt = v.dtype
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        raise TypeError(f"a numpy array of dtype {dt} cannot be stored: plain numeric dtypes "
+                        "only")
+    src = np.ascontiguousarray(v)
+    off = _array_new(st, tuple(src.shape), dt.str, dt.itemsize, refs)
+    data = st.core._w[(off >> 3) + A_DATA]
+    n = src.nbytes
     core = st.core
-    for base, size in _mapping_bases(core):
-        data = addr - base
-        if 0 < data < size and data % ARRAY_ALIGN == 0 and data + n <= core._cap:
-            w = core._w
-            off = w[(data - ARRAY_ALIGN) >> 3]
-            o = off >> 3
-            if not off & 7 and 0 < off < core._cap and _kind_at(w, o) == ARRAY and \
-                    w[o + O_SERIAL] and w[o + A_DATA] == data and w[o + A_NBYTES] == n:
-                return int(off)
-    return 0
+    core._j.log_range(data, n)  # a new allocation: logged only if it is not fresh
+    core.region.mm[data:data + n] = src.tobytes()
+    return off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2027,9 +2221,7 @@ def new_ndarray(heap: Heap, shape: Any, dtype: Any = "float64") -> Any:
     shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
     st = _state(heap)
     off = st.core.op(lambda: _array_new(st, shape, dt.str, dt.itemsize))
-    a = _array_view(st, off)
-    _float_view(st, off, a)
-    return a
+    return _array_view(st, off)
 
 
 def new_buffer(heap: Heap, n: int) -> memoryview:
@@ -2038,14 +2230,7 @@ def new_buffer(heap: Heap, n: int) -> memoryview:
     n = _index(n)
     st = _state(heap)
     off = st.core.op(lambda: _array_new(st, (n,), "|mv", 1))
-    mv = _array_view(st, off)
-    st.floating.setdefault(off, None)  # a memoryview takes no weak reference: kept until gc
-    return mv  # type: ignore[no-any-return]
-
-
-def _float_view(st: _State, off: int, view: Any) -> None:
-    if off not in st.floating:
-        st.floating[off] = weakref.finalize(view, st.to_bury.append, off)
+    return _array_view(st, off)  # type: ignore[no-any-return]
 
 
 def root(heap: Heap) -> SharedDict:
@@ -2092,6 +2277,8 @@ def gc(heap: Heap, dry_run: bool = False) -> dict[str, int]:
     core = st.core
 
     def run() -> dict[str, int]:
+        if not dry_run:
+            reap(st)  # first what already waits to be freed
         live, objs = _mark(st)
         unreachable = [off for off in objs if off not in live]
         if not dry_run:
@@ -2250,7 +2437,7 @@ def _kept_here(st: _State, off: int) -> bool:
     """Whether this process still holds the floating object at ``off``: a live handle, a live
     array view, or a buffer (a memoryview cannot be watched: kept until the process ends). A
     finalizer cut short by an interrupt never buries its object: its dead referent says so."""
-    if off in st.handles:
+    if off in st.handles or _views_alive(st, off):
         return True
     fin = st.floating.get(off, _MISSING)
     if fin is _MISSING:
@@ -2262,10 +2449,15 @@ def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
     """(objects reachable -> references found to each, every object in the heap)."""
     core = st.core
     w = core._w
-    objs = _objects_in_heap(st)
+    every = _objects_in_heap(st, everything=True)
+    objs = [off for off in every if w[(off >> 3) + O_SERIAL]]
     roots = []
     if w[F.H_OBJECTS]:
         roots.append(w[F.H_OBJECTS])
+    for off in every:  # what the graveyard still holds is freed when its turn comes, not lost
+        if not w[(off >> 3) + O_SERIAL]:
+            for c in _children(st, off):
+                roots += _refs_in(st, c)
     for off in objs:
         o = off >> 3
         if w[o + O_REFS] == 0 and (w[o + O_FLOAT] == st.pid and _kept_here(st, off) or
@@ -2274,6 +2466,8 @@ def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
     for off, h in list(st.handles.items()):
         if h._serial and off in objs:
             roots.append(off)
+    alive = set(objs)
+    roots += [off for off in st.to_bury if off in alive]  # buried at this process's next call
     found: dict[int, int] = {}
     stack = list(roots)
     seen = set()
@@ -2392,9 +2586,13 @@ def _check_object(st: _State, off: int, refs_found: int) -> None:
                 live += 1
                 if e + 1 not in pointed:
                     raise bad(f"dict entry {e} is not in the index")
-                key = _load(st, w[b + 1])
-                if st.hasher(key) != w[b]:
-                    raise bad(f"dict entry {e}: stored hash does not match its key")
+                kc = w[b + 1]
+                _check_cell(st, kc, off)
+                if not (not kc & 7 and st.core._b[kc] == codec.BLOB_PICKLE and
+                        not st.core.allow_pickle):  # (a pickled key is checked where it loads)
+                    key = _load(st, kc)
+                    if st.hasher(key) != w[b]:
+                        raise bad(f"dict entry {e}: stored hash does not match its key")
                 _check_cell(st, w[b + 2], off)
         if live != count:
             raise bad(f"dict count {count} but {live} live entries")

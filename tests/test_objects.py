@@ -1331,12 +1331,25 @@ def test_array_dtypes_that_are_not_plain_numbers_are_refused(ah):
     assert ah.check() is None
 
 
-def test_a_plain_numpy_array_is_not_stored_silently(ah):
-    with pytest.raises(TypeError):
-        ah.root["x"] = np.zeros(3)  # not in the heap: no pickle without allow_pickle
+def test_a_plain_numpy_array_is_stored_as_a_shared_copy(ah):
+    """Like a plain list: a numpy array that is not one of the heap's (or a part of one) is
+    stored as a new heap array holding a copy; object dtypes are refused."""
+    x = np.arange(3.0)
+    ah.root["x"] = x
+    x[0] = 99  # the copy does not follow
+    got = ah.root["x"]
+    assert got.tolist() == [0.0, 1.0, 2.0] and got.dtype == np.float64
+    got[1] = 7  # but it is heap memory: shared from now on
+    assert ah.root["x"][1] == 7
     a = ah.ndarray(10, "f8")
+    a[:] = np.arange(10)
+    ah.root["part"] = a[2:5]  # a part of a heap array: a copy of what it shows
+    assert ah.root["part"].tolist() == [2.0, 3.0, 4.0]
+    a[2] = -1
+    assert ah.root["part"][0] == 2.0
     with pytest.raises(TypeError):
-        ah.root["part"] = a[2:5]  # a part of a heap array: not one of its arrays
+        ah.root["o"] = np.array([object()])
+    assert ah.check() is None
 
 
 def test_a_reshaped_or_retyped_view_is_stored_as_what_it_shows(ah):
@@ -1528,21 +1541,23 @@ def test_check_does_not_unpickle_keys_in_a_heap_without_allow_pickle(heap_path):
 
 
 def test_allow_pickle_of_one_handle_does_not_extend_to_another(heap_path):
-    # BUG: every open() of one file in a process shares one core, and open() does
-    # core.allow_pickle = core.allow_pickle or allow_pickle: a handle opened *without*
-    # allow_pickle unpickles as soon as any other handle of the heap in the process was opened
-    # with it (and the other way round, one opt-in turns it on for all handles).
+    """Handles of one file in one process share its objects, so they cannot disagree on
+    allow_pickle: a second open that does is refused, never silently given the first's."""
     h1 = pheap.open(heap_path, "n", allow_pickle=True)
     h1.root["p"] = Point(1, 2)
-    h2 = pheap.open(heap_path, "w")
     try:
-        with pytest.raises(pheap.UnpicklingNotAllowedError):
-            h2.root["p"]
-        with pytest.raises(TypeError):
-            h2.root["q"] = Point(3, 4)
-    finally:
+        with pytest.raises(ValueError, match="allow_pickle"):
+            pheap.open(heap_path, "w")
+        h2 = pheap.open(heap_path, "w", allow_pickle=True)
+        assert h2.root["p"] == Point(1, 2)
         h2.close()
+    finally:
         h1.close()
+    with pheap.open(heap_path, "w") as h3:  # alone in the process now: its own setting
+        with pytest.raises(pheap.UnpicklingNotAllowedError):
+            h3.root["p"]
+        with pytest.raises(TypeError):
+            h3.root["q"] = Point(3, 4)
 
 
 # ---------------------------------------------------------------------------------------------
