@@ -2557,3 +2557,24 @@ def test_a_lock_free_reader_does_not_see_an_open_transaction(ah):
     assert d["k"] == "committed"
     for fd in (ready_r, ready_w, done_r, done_w):
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C inside container operations
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind,seed", [("file", 1), ("memfd", 2)])
+def test_keyboard_interrupts_inside_container_operations(kind, seed):
+    """tools/interrupts.py --objects: dict, list, counter and queue operations and transactions
+    under a storm of KeyboardInterrupts; after each, the objects hold the state before the
+    operation or after it (a model says which), check() is clean, a reopen sees the model."""
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "interrupts.py")
+    res = subprocess.run([sys.executable, tool, "--objects", "-n", "2000", "--seed", str(seed),
+                          "--kind", kind], capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert "0 mismatches" in res.stdout and "FAIL" not in res.stdout, res.stdout
+    fired = int(res.stdout.split(" KeyboardInterrupts raised")[0].rsplit(" ", 1)[1]
+                .replace(",", ""))
+    assert fired >= 30, res.stdout  # the storm really hit the operations
