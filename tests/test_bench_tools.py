@@ -322,6 +322,13 @@ TINY_OBJ = ["--keys", "40", "--xkeys", "40", "--adds", "200", "--array-mb", "1",
 
 RACY = {"mp.Value, bare += 1", "Manager().Value, += 1"}  #: may lose updates: flagged if so
 
+#: A pheap bug the benchmark meets now and then (see the report of the bench2 branch): a
+#: shared dict's probe for a free index slot gives up after mask + 2 probes, which the
+#: perturbed probe sequence can spend on revisits; about 1 fresh dict in 70 filled with 80
+#: keys raises it. A pheap row that failed with exactly this is an expected failure (xfail,
+#: shown as such) until pheap is fixed; any other failure of a pheap row fails the test.
+KNOWN_PHEAP_BUG = "dict index has no empty slot (probe did not end)"
+
 
 def _bench_objects():
     spec = importlib.util.spec_from_file_location("bench_objects_cli",
@@ -353,24 +360,35 @@ def _run_objects(tmp_path, extra=()):
 
 def test_bench_objects_tiny_run_every_row_present(tmp_path, capsys):
     """Every section prints every row: figures, or 'not available (why)' for a peer that is
-    not installed here and for pheap's rows until pheap has the API. Nothing is skipped
-    silently; the peers verify clean."""
+    not installed here. pheap's rows have figures (numpy's only where it is installed), and
+    every row verifies clean. Nothing is skipped silently."""
+    try:
+        import numpy  # noqa: F401
+        have_numpy = True
+    except ImportError:
+        have_numpy = False
     rc, lines = _run_objects(tmp_path)
     capsys.readouterr()
     text = "\n".join(lines)
     assert lines[0].startswith("pheap object benchmark: python3 tools/bench_objects.py --keys 40")
     assert "-o" not in lines[0]
     assert any(ln.startswith("Python ") for ln in lines) and "peers: " in text
+    known: list[str] = []
     for sec in object_suites.SECTIONS:
         block = _section_lines(lines, sec)
         for name in object_suites.expected_rows(sec):
             line = _row_line(block, name)
             cells = line[len(name):].strip()
-            if "not available" in cells:
-                if name.startswith("pheap"):
+            if name.startswith("pheap"):
+                if "not available" in cells:  # only what needs numpy, where it is absent
+                    assert not have_numpy and sec == "g", line
                     assert cells.startswith("pheap: not available ("), line
+                elif KNOWN_PHEAP_BUG in cells:
+                    known.append(line)
                 else:
-                    assert cells.startswith("not available ("), line
+                    assert "!!!" not in cells, line
+            elif "not available" in cells:
+                assert cells.startswith("not available ("), line
             elif name not in RACY:
                 assert "!!!" not in cells, line  # the peers lose nothing and read right
     for mod, rows in (("lmdb", ["lmdb, txn/op"]), ("diskcache", ["diskcache.Index"]),
@@ -390,12 +408,12 @@ def test_bench_objects_tiny_run_every_row_present(tmp_path, capsys):
                       ("e", "mp.Value, get_lock() held"), ("f", "mp.Queue"),
                       ("h", "dict, tracemalloc")):
         assert "not available" not in _row_line(_section_lines(lines, sec), name)
-    import pheap
-
-    if not hasattr(pheap.Heap, "dict"):
-        assert rc == 0
-        assert "pheap: not available (no h.dict() in pheap" in text
+    assert "pheap API: open ok; dict ok; root ok; list ok; queue ok; counter ok" in text
     assert "total time" in lines[-1]
+    if known:
+        assert rc == 2  # a failed pheap row sets the exit status
+        pytest.xfail("pheap bug: " + "; ".join(known))
+    assert rc == 0
 
 
 

@@ -14,7 +14,7 @@ The scripts in tools/ are thin command lines; the tests import these modules.
 ``stores``                keys/values, the base classes of the object benchmark's systems
 ``procs``                 forked children gathered with a deadline and reaped; shm cleanup
 ``peers``                 the peers pheap's objects are measured against (one adapter each)
-``pheap_objects``         everything pheap-specific in the object benchmark (the planned API)
+``pheap_objects``         everything pheap-specific in the object benchmark (pheap's object API)
 ``object_suites``         the object benchmark's sections a-h
 ========================  ====================================================================
 """
