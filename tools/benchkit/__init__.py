@@ -1,6 +1,8 @@
 """benchkit: the modules behind pheap's benchmarks (tools/bench_alloc.py, tools/bench_objects.py).
 
 The scripts in tools/ are thin command lines; the tests import these modules.
+tools/bench_all.py runs both and writes docs/benchmarks.md, the one file the docs' figures
+come from.
 
 ========================  ====================================================================
 ``env``                   the environment line, CPU-idle probe, CPU used by others meanwhile
