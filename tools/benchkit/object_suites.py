@@ -851,7 +851,8 @@ def section_h(ctx: Ctx) -> None:
         ctx.log(f"h: {name}")
         try:
             used, done, how = fn()
-            row.add("bytes/entry", used / max(done, 1), done, n)
+            # (a row that failed part way says so in its check cell, not as a budget cut)
+            row.add("bytes/entry", used / max(done, 1), done, done if row.failed else n)
             row.notes.append(how)
         except Hung as e:
             row.failed.append(str(e))
@@ -876,7 +877,15 @@ def section_h(ctx: Ctx) -> None:
             def step(a: int, b: int) -> None:
                 for i in range(a, b):
                     d[ks[i]] = i
-            _, _, done = phase(None, None, "fill", step, n, budget)
+            try:
+                _, _, done = phase(None, None, "fill", step, n, budget)
+            except Exception as e:  # noqa: BLE001
+                # pheap refused an entry: the row is flagged FAILED, and its figure is over the
+                # entries that went in before (the operation that raised was rolled back)
+                done = len(d)
+                rows["pheap h.dict()"].failed.append(
+                    f"{describe(e)} (at entry {done + 1:,}; the figure is over the {done:,} "
+                    "entries before it)")
             used = pheap_objects.used_bytes(h) - before
             if len(d) != done or d[ks[done - 1]] != done - 1:
                 rows["pheap h.dict()"].wrong += 1
