@@ -85,10 +85,11 @@ OBJECTS_HOW = (
     "per-phase time budget (measured over the ops done, listed under the table). The `check` "
     "column verifies every result: `!!! LOST` or `!!! WRONG` flags a store that lost updates or "
     "read back wrong values (the racy Manager().Value and bare mp.Value rows are there to show "
-    "exactly that), and a flagged row is never called fastest. `not available (why)` is a peer "
-    "that is not installed or cannot run here. Figures are medians of the repeats; `spread` is "
-    "(max - min) / median, the largest over a row's columns: on a busy machine, a guide to how "
-    "far to trust a ratio.")
+    "exactly that), `!!! FAILED` one that raised (with the error; figures, if any, are over "
+    "what it did before), and a flagged row is never called fastest nor the reference. "
+    "`not available (why)` is a peer that is not installed or cannot run here. Figures are "
+    "medians of the repeats; `spread` is (max - min) / median, the largest over a row's "
+    "columns: on a busy machine, a guide to how far to trust a ratio.")
 
 
 def load_average() -> str:
@@ -157,8 +158,10 @@ def write_report(fh: TextIO, command: str, size_note: str, alloc_text: str, obj_
         "",
     ]
     if obj_rc:
-        lines += ["**The object benchmark flagged a pheap row** (see its `pheap FLAGGED` line "
-                  "below).", ""]
+        flagged = [ln.split(":", 1)[1].strip() for ln in obj_text.splitlines()
+                   if ln.startswith("pheap FLAGGED:")]
+        lines += [f"**The object benchmark flagged a pheap row**: {', '.join(flagged) or '?'} "
+                  f"(its `check` cell says why).", ""]
     lines += [ALLOC_HEADING, "", ALLOC_HOW, "", *code_block(alloc_text), "",
               OBJECTS_HEADING, "", OBJECTS_HOW, "", *code_block(obj_text), ""]
     fh.write("\n".join(lines))
