@@ -126,6 +126,7 @@ _CSLOTS: Final = F.CLASS_SLOTS
 _CMASKS: Final = F.CLASS_MASKS
 _PM_CLASS: Final = F.PM_CLASS
 _PM_SHIFT: Final = F.PM_SHIFT
+_FRESH_SPANS: Final = journal.FRESH_SPANS
 _ATOMIC: Final = journal.ATOMIC
 _H_ROOT: Final = F.H_ROOT
 _H_OBJECTS: Final = F.H_OBJECTS
@@ -135,7 +136,7 @@ assert set(F.ENTRIES.values()) == {_H_ROOT, _H_OBJECTS}  # the free fast path ch
 
 
 class BlockInfo(NamedTuple):
-    """One block or slot, as :meth:`Allocator.walk` reports it."""
+    """One block or slot, as :meth:`pheap.Heap.walk` reports it."""
 
     offset: int  #: payload offset (what malloc returned); a block's header is 8 bytes before it
     size: int  #: bytes: a block's size header included, or a slot's size
@@ -149,7 +150,7 @@ class BlockInfo(NamedTuple):
 
 
 class HeapStats(NamedTuple):
-    """Figures from :meth:`Allocator.stats` (one walk over the blocks and runs)."""
+    """Figures from :meth:`pheap.Heap.stats` (one walk over the blocks and runs)."""
 
     capacity: int  #: bytes mapped (file size in use)
     block_area: int  #: bytes between the first block and brk
@@ -635,7 +636,9 @@ class Allocator:
         j = self._j
         if n <= _RUN_LIMIT:
             p = self._slot(_CLASS_OF[n])
-            if j.mode >= _ATOMIC and p not in j.freed and p & -_PAGE not in j.new_runs:
+            if j.mode >= _ATOMIC and p not in j.freed and \
+                    ((p >> 12) - (self._b[self._meta + (p >> 12)] >> _PM_SHIFT)) << 12 \
+                    not in j.new_runs:  # (the run's first page: runs span up to 4 pages)
                 j.fresh[p] = p + _CSIZE[_CLASS_OF[n]]  # its bytes need no undo records
             return p
         if j.mode < _ATOMIC:
@@ -721,8 +724,9 @@ class Allocator:
         first = base >> 12
         for i in range(pages):
             self._set_page_map(first + i, F.page_map_byte(c, i))
-        if self._j.mode >= _ATOMIC:
-            self._j.new_runs.add(base)
+        j = self._j
+        if j.mode >= _ATOMIC and not j.block_is_fresh(b, b + pages * _PAGE):
+            j.new_runs.add(base)  # carved from bytes that may have been live when it began
 
     def _block(self, s: int, guard: bool) -> int:
         """Take a block of ``s`` bytes (8-aligned, >= MIN_BLOCK) from the bins or the
@@ -786,8 +790,14 @@ class Allocator:
             r = b + s
             ri = r >> 3
             # r's header and links lie inside the free block taken: an undo makes it one free
-            # block again, whose inside means nothing, so they need no records. Its footer is
-            # the taken block's own footer: logged.
+            # block again, whose inside means nothing, so they need no records -- unless that
+            # block was freed in the open bracket, when its bytes may be a live block's again
+            # after an undo (then they are logged). Its footer is the taken block's own: logged.
+            j = self._j
+            if j.freed_spans and j.mode >= _ATOMIC and j.overlaps_freed(r, r + 24):
+                st(ri, rem | FREE | (hdr & RELEASED))
+                st(ri + 1, w[ri + 1])
+                st(ri + 2, w[ri + 2])
             w[ri] = rem | FREE | (hdr & RELEASED)  # unlogged: inside the block taken
             st(ri + (rem >> 3) - 1, rem)
             # Inlined _insert(r, rem): one call less on the hottest block path.
@@ -829,18 +839,27 @@ class Allocator:
         for i in (bi + 1, bi + 2, bi + (size >> 3) - 1):
             st(i, w[i])
 
-    def _from_wilderness(self, s: int) -> int:
-        """Carve a block of ``s`` bytes at brk, growing the mapping if needed; return it."""
+    def _from_wilderness(self, s: int, past_old_metadata: bool = False) -> int:
+        """Carve a block of ``s`` bytes at brk, growing the mapping if needed; return it.
+        (Inside a bracket that grew the heap, see _wild_aligned; ``past_old_metadata``: it
+        calls this, and knows.)"""
         w = self._w
         b = w[H_BRK]
         end = b + s
         if end > self._meta:
             self._grow(end)
             w = self._w
+        j = self._j
+        if j.mode >= _ATOMIC and end > j.at_meta and b < j.at_cap and not past_old_metadata:
+            return self._wild_aligned(s, F.ALIGN)  # past the metadata the bracket began with
         if end > w[H_HOLE_FROM]:
             self._back_wilderness(end)
-        st = self._j.set
+        st = j.set
         st(H_BRK, end)
+        if j.mode >= _ATOMIC and b < j.at_brk:
+            # brk fell in this bracket: b was inside a block freed in it, live again after an
+            # undo, so the header word it gets now is logged.
+            st(b >> 3, s)
         # Unlogged stores below: their old values are needed by no undo. The header word was
         # wilderness, and an undo, which has brk's record to restore, trusts no zeros there
         # (journal.forget_zeros); zero_from only ever rises, and the undo raises it further.
@@ -882,14 +901,28 @@ class Allocator:
                 if a + s <= fb + fs and (fb + fs - a - s == 0 or fb + fs - a - s >= MIN_BLOCK):
                     return self._carve(fb, fs, a, s)
                 fb = w[(fb >> 3) + 1]
-        # 2. The wilderness: one carve (so a full heap fails before any store), then the gap
-        # before the aligned start becomes a free block.
+        return self._wild_aligned(s, align)
+
+    def _wild_aligned(self, s: int, align: int) -> int:
+        """A block of ``s`` bytes from the wilderness whose payload is ``align``-aligned: one
+        carve (so a full heap fails before any store), then the gap before the aligned start
+        becomes a free block.
+
+        Inside a bracket in which the heap grew, the block starts past the capacity the bracket
+        began with when it would otherwise cover the metadata the heap had then: the gap is a
+        free block whose inside is never written, so an undo of the growth finds the old page
+        map and allocation bitmap intact and nothing had to log them (capacity / 60 bytes: more
+        than a transaction log holds, on a large heap)."""
+        w = self._w
+        j = self._j
         brk = w[H_BRK]
         a = _aligned_start(brk, align)
-        if a == brk:
+        if j.mode >= _ATOMIC and a < j.at_cap and a + s > j.at_meta:
+            a = _aligned_start(max(j.at_cap, brk + MIN_BLOCK), align)
+        elif a == brk:
             return self._from_wilderness(s)
         gap = a - brk
-        b = self._from_wilderness(gap + s)
+        b = self._from_wilderness(gap + s, past_old_metadata=True)
         st = self._j.set
         st(b >> 3, gap)
         st(a >> 3, s)
@@ -1052,7 +1085,6 @@ class Allocator:
         j.set(k, x ^ bit)
         if j.mode >= _ATOMIC:
             j.fresh.pop(p, None)
-            j.freed_spans.append((b, b + (hdr & _SZ)))
         self._free_block(b, hdr & _SZ)
         return None
 
@@ -1153,7 +1185,12 @@ class Allocator:
 
         The unlinks of the neighbours and the insert are inlined (the hottest block path)."""
         w = self._w
-        st = self._j.set
+        j = self._j
+        st = j.set
+        if j.mode >= _ATOMIC:  # its bytes may have been live when the bracket began
+            spans = j.freed_spans
+            if len(spans) <= _FRESH_SPANS:  # (past it, every block counts as freed: see journal)
+                spans.append((b, b + size))
         bi = b >> 3
         hdr = w[bi]
         nb = b + size
@@ -1266,14 +1303,24 @@ class Allocator:
                 total += self._release_wilderness(size)
                 continue
             hdr = w[b >> 3]
-            if not hdr & FREE or hdr & _SZ != size:
-                continue  # merged or reused since (a later operation of the same hold)
+            if not hdr & FREE or hdr & _SZ != size or w[((b + size) >> 3) - 1] != size or \
+                    not w[(b + size) >> 3] & PREV_FREE or self._inside_used(b):
+                continue  # merged or reused since (a later operation of the same bracket)
             w[b >> 3] = hdr | RELEASED
             journal.hit("release")
             if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
                 total += size - MIN_BLOCK - 8
         self.pending.clear()
         return total
+
+    def _inside_used(self, b: int) -> bool:
+        """Whether offset ``b`` lies inside a used block (a stale free header left in the
+        payload of a block that grew over it). O(distance / 512)."""
+        try:
+            self.containing(b + 8, 8)
+        except InvalidPointerError:
+            return False
+        return True
 
     def _release_wilderness(self, brk: int) -> int:
         """Give back the pages between brk + TOP_PAD and zero_from; they read as zero after."""
@@ -1443,7 +1490,7 @@ class Allocator:
             w = self._w
             for i in F.ENTRIES.values():
                 if w[i] == p:
-                    self._j.set(i, q)
+                    self._set_entry_word(i, q)
             self._pins = (w[_H_ROOT], w[_H_OBJECTS])
 
     def _split_tail(self, b: int, hdr: int, s: int) -> None:
@@ -1485,17 +1532,26 @@ class Allocator:
             return
         if off != 0:
             self.live_size(off)
-        self._bracket(self._j.set, i, off)
+        self._bracket(self._set_entry_word, i, off)
         self._pins = (self._w[_H_ROOT], self._w[_H_OBJECTS])
+
+    def _set_entry_word(self, i: int, v: int) -> None:
+        """Store entry word ``i`` (root, objects, txlog) and the entries' check word."""
+        w = self._w
+        st = self._j.set
+        st(i, v)
+        st(F.H_ENTRY_CHECK, F.entry_check(w[_H_ROOT], w[_H_OBJECTS], w[F.H_TXLOG]))
 
     # -- whole-heap operations ---------------------------------------------------------------
 
     def trim(self) -> int:
         """Give back to the OS the pages of the wilderness and of every large free block.
 
-        Returns the bytes given back. The file keeps its length (other processes may map it;
-        shrinking it under them would SIGBUS them), but its disk blocks are released, which
-        ``os.stat().st_blocks`` shows. O(free blocks).
+        Returns the bytes given back: for a file or memfd heap, those that had blocks behind
+        them (a second trim() gives back nothing new and returns 0); an anonymous heap cannot
+        tell, and counts every page it releases. The file keeps its length (other processes may
+        map it; shrinking it under them would SIGBUS them), but its disk blocks are released,
+        which ``os.stat().st_blocks`` shows. O(free blocks).
         """
         if self._j.mode:
             raise TransactionStateError("trim() inside a transaction or atomic bracket: pages it "
@@ -1512,16 +1568,25 @@ class Allocator:
             if w[H_HOLE_FROM] > start:
                 w[H_HOLE_FROM] = start
             journal.hit("release")
+            backed = self._backed(start, self._meta)
             if self._zero_range(start, self._meta):
-                total += self._meta - start
+                total += backed
                 if w[H_ZERO_FROM] > start:
                     w[H_ZERO_FROM] = start
         for b, size in self._free_list_blocks(2 * _PAGE):
             w[b >> 3] |= RELEASED
             journal.hit("release")
+            backed = self._backed(b + MIN_BLOCK, b + size - 8)
             if self._r.release(b + MIN_BLOCK, size - MIN_BLOCK - 8):
-                total += size - MIN_BLOCK - 8
+                total += backed
         return total
+
+    def _backed(self, start: int, end: int) -> int:
+        """Bytes of the whole pages of [start, end) that have blocks behind them (all of them
+        when the backing cannot tell)."""
+        lo, hi = F.round_up(start, _PAGE), end & -_PAGE
+        return sum(min(b, hi) - max(a, lo) for a, b in self._r.data_ranges(lo, hi)
+                   if min(b, hi) > max(a, lo))
 
     def _empty_runs(self) -> list[tuple[int, int]]:
         """(base, class) of every run with no live slot, found through the class lists (an
@@ -1669,11 +1734,16 @@ class Allocator:
         report(0.85)
 
         # 3. Entries and the transaction log.
+        F.check_entries(w)
         for name, i in [*F.ENTRIES.items(), ("txlog", F.H_TXLOG)]:
             v = w[i]
             if v and v - 8 not in used_blocks and not self._slot_live(v, runs):
                 raise CorruptHeapError(f"{F.at(name)}: {v} is not a live block (freed while "
                                        "still named here, or damaged)")
+        t = w[F.H_TXLOG]
+        if t and (t - 8 not in used_blocks or w[(t >> 3) - 1] & RUN):
+            raise CorruptHeapError(f"{F.at('txlog')}: {t} is a slot or a run, not a block of "
+                                   "its own")
 
         # 4. The bins and the class lists.
         self._check_bins(free_blocks)
@@ -1757,8 +1827,8 @@ class Allocator:
                                        f"past the run's {_CSLOTS[c]} slots")
 
     def _slot_live(self, p: int, runs: dict[int, int]) -> bool:
-        base = p & -_PAGE
-        for base in (base, base - _PAGE, base - 2 * _PAGE, base - 3 * _PAGE):
+        page = p & -_PAGE
+        for base in (page, page - _PAGE, page - 2 * _PAGE, page - 3 * _PAGE):
             c = runs.get(base)
             if c is not None:
                 d = p - base - _CFIRST[c]

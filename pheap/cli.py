@@ -1,4 +1,5 @@
-"""The ``pheap`` command: inspect, check, repair and draw a heap file, and run the demo.
+"""The ``pheap`` command: inspect, check, repair and draw a heap file, show and collect its shared
+objects, time it, and run the demo.
 
 Commands (``pheap COMMAND --help`` lists the options of each)::
 
@@ -7,19 +8,32 @@ Commands (``pheap COMMAND --help`` lists the options of each)::
     pheap check FILE    every invariant                      [-q] [--progress]
     pheap walk FILE     list the blocks                      [--free] [--slots] [--limit N] [--json]
     pheap map FILE      draw the heap: text, or -o FILE.svg / FILE.png   [--width N] [--rows N]
+    pheap dump FILE [PATH]  the shared objects from the root dict, or the subtree at PATH
+                        (root/users/bob/tags/0)   [--depth N] [--full] [--allow-pickle] [--json]
     pheap repair FILE   undo a dead process's operation, rebuild the bins from the boundary tags
                         [--backup] [--dry-run] [--timeout S] [--progress]
-    pheap demo          worker processes share one persistent heap
+    pheap gc FILE       free the shared objects nothing reaches   [--dry-run] [--timeout S] [--json]
+    pheap bench         pheap's shared dict against dict, Manager, shelve, sqlite3 and the peers
+                        installed here   [--quick]
+    pheap demo          worker processes fill one heap file's shared objects; one is SIGKILLed
+                        mid-transaction; a new interpreter verifies   [--workers N] [--records N]
 
-``dump``, ``gc`` and ``bench`` join these with the object layer and the benchmark package: each is
-one more row of ``COMMANDS``.
+**Waiting.** The inspection commands (info, stats, check, walk, map, dump) take the heap lock
+shared, so they never stop each other, and wait for a writer at most ``--timeout`` seconds
+(default 10), then exit 6 naming the pid that holds it. ``--snapshot`` never waits: it inspects a
+private copy of the file taken without the lock (``pheap.snapshot``); if a process was changing
+the heap while it was copied, the copy may be mid-operation, and the command says so on stderr.
+``gc`` is an ordinary operation beside live processes (it keeps what they hold), so it waits like
+them, at most ``--timeout`` (default 10); it opens the file read-write, which, as for any writer,
+first undoes an operation a dead process left in the journal (``--dry-run`` opens it read-only:
+exit 5 then). ``repair`` waits only as long as its ``--timeout`` (default 0: it does not wait).
 
-**Waiting.** The inspection commands (info, stats, check, walk, map) take the heap lock shared, so
-they never stop each other, and wait for a writer at most ``--timeout`` seconds (default 10),
-then exit 6 naming the pid that holds it. ``--snapshot`` never waits: it inspects a private copy
-of the file taken without the lock (``pheap.snapshot``); if a process was changing the heap while
-it was copied, the copy may be mid-operation, and the command says so on stderr. ``repair``
-waits only as long as its ``--timeout`` (default 0: it does not wait).
+**dump** reads the objects cell by cell and never unpickles a stored pickle unless
+``--allow-pickle`` is given (``<pickle, N bytes>`` otherwise); str and bytes past 60 characters are
+cut (``--full``); shared dicts, lists, queues, counters and arrays show their kind, length and
+offset, an object met again (a shared reference, a cycle) shows once: ``<same dict as root/a>``. A
+PATH names dict keys by their str form and list, queue and tuple items by index; one that names
+nothing exits 2. The whole tree is read under one hold of the lock, then printed.
 
 **Output.** Paths are printed as given. Every user mistake (a missing file, a directory, a FIFO,
 permission denied, not a heap, another version, bad arguments) is one line on stderr, ``pheap:
@@ -36,7 +50,7 @@ code  name            meaning
                       whose records fail their checks; walk and map print up to the damage;
                       repair --dry-run: repair would rebuild the bins
 2     usage           bad arguments or options; -o in a picture format this installation cannot
-                      write (.png without Pillow)
+                      write (.png without Pillow); dump: a PATH that names nothing in the heap
 3     unusable        a file that cannot be used: missing, a directory, a FIFO or device,
                       permission denied, not a heap, another format version, a damaged header
                       CRC, an output file that cannot be written
@@ -47,7 +61,8 @@ code  name            meaning
 6     busy            another process held the heap lock for all of --timeout; the message
                       names its pid
 70    internal        a bug in pheap (the traceback is printed; please report it); demo: a
-                      worker failed or a record read back wrong
+                      worker failed or a record read back wrong; bench: pheap's row failed or a
+                      store read values back wrong
 130   interrupted     interrupted (Ctrl-C)
 141   pipe            standard output was closed early (pheap walk FILE | head): output stops
                       without a message, with the code a shell reports for SIGPIPE
@@ -62,6 +77,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import shutil
 import struct
 import sys
@@ -72,17 +88,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple, NoReturn
 
-from . import __version__
-from . import _map
+from . import __version__, _map, codec, objects
 from . import format as F
 from .allocator import BlockInfo, HeapStats
 from .errors import (
     CorruptHeapError,
     DamagedJournalError,
     FormatError,
+    InvalidPointerError,
     LockTimeoutError,
     NeedsRecoveryError,
     PheapError,
+    UnpicklingNotAllowedError,
 )
 from .heap import Heap
 from .heap import open as open_heap
@@ -109,7 +126,7 @@ EXIT_CODES: Final = (
      "a journal whose records fail their checks; walk and map print up to the damage; repair "
      "--dry-run: repair would rebuild the bins"),
     (EXIT_USAGE, "usage", "bad arguments or options; -o in a picture format this installation "
-     "cannot write (.png without Pillow)"),
+     "cannot write (.png without Pillow); dump: a PATH that names nothing in the heap"),
     (EXIT_UNUSABLE, "unusable", "a file that cannot be used: missing, a directory, a FIFO or "
      "device, permission denied, not a heap, another format version, a damaged header CRC, an "
      "output file that cannot be written"),
@@ -121,12 +138,15 @@ EXIT_CODES: Final = (
     (EXIT_BUSY, "busy", "another process held the heap lock for all of --timeout; the message "
      "names its pid"),
     (EXIT_INTERNAL, "internal", "a bug in pheap (the traceback is printed; please report it); "
-     "demo: a worker failed or a record read back wrong"),
+     "demo: a worker failed or a record read back wrong; bench: pheap's row failed or a store "
+     "read values back wrong"),
     (EXIT_INTERRUPTED, "interrupted", "interrupted (Ctrl-C)"),
     (EXIT_PIPE, "pipe", "standard output was closed early (pheap walk FILE | head): output stops "
      "without a message, with the code a shell reports for SIGPIPE"),
 )
 
+#: the commands that take --snapshot (the others name only --timeout when the lock is busy)
+SNAPSHOT_COMMANDS: Final = frozenset(("info", "stats", "check", "walk", "map", "dump"))
 INSPECT_TIMEOUT: Final = 10.0  #: seconds an inspection command waits for the lock by default
 WAIT_NOTICE: Final = 0.5  #: seconds of waiting for the lock before saying so on stderr
 #: what every --snapshot command says on stderr
@@ -335,7 +355,7 @@ def _run_fill(w: memoryview, off: int) -> tuple[int, int, int]:
 
 
 def _busy(path: str, e: LockTimeoutError, command: str) -> CliError:
-    if command == "repair":
+    if command not in SNAPSHOT_COMMANDS:
         hint = "--timeout SECONDS waits for it"
     else:
         hint = (f"`pheap {command} --snapshot {path}` inspects a copy now; --timeout SECONDS "
@@ -507,7 +527,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     with _inspect(args) as h:
         t0 = time.perf_counter()
         try:
-            h.check(progress)
+            report = h.check(progress)
         finally:
             progress.done()
         took = time.perf_counter() - t0
@@ -516,6 +536,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         blocks = st.used_blocks - st.used_slots
         print(f"{path}: ok ({blocks} used blocks, {st.used_slots} used slots in "
               f"{_n(st.runs, 'run')}, {st.free_blocks} free blocks; checked in {took:.3f} s)")
+        if report:
+            print(f"{path}: {report['unreachable']} of {_n(report['objects'], 'shared object')} "
+                  "unreachable, left by processes that died holding them: `pheap gc "
+                  f"{path}` frees them")
     return EXIT_OK
 
 
@@ -832,17 +856,646 @@ def _plan(path: str, d: _Diagnosis) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# demo
+# dump: the object tree from the root
+# ---------------------------------------------------------------------------------------------
+
+DUMP_CUT: Final = 60  #: characters of a str (bytes of a bytes, characters of a repr) shown
+ARRAY_FIRST: Final = 8  #: values of an array shown
+BUFFER_FIRST: Final = 16  #: bytes of a buffer shown
+
+
+class _Ref(NamedTuple):
+    """A shared object named by a ref cell (or by a ref inside a tuple blob)."""
+
+    offset: int
+
+
+class _Pickled:
+    """A stored pickle: not loaded (the default), loaded, or failing to load."""
+
+    __slots__ = ("nbytes", "loaded", "value", "error")
+
+    def __init__(self, nbytes: int, loaded: bool = False, value: Any = None,
+                 error: str = "") -> None:
+        self.nbytes, self.loaded, self.value, self.error = nbytes, loaded, value, error
+
+    def __repr__(self) -> str:
+        if self.error:
+            return f"<pickle, {self.nbytes} bytes: does not load here: {self.error}>"
+        return f"<pickle, {self.nbytes} bytes>"
+
+
+class _Node(NamedTuple):
+    """What dump shows of one value: ``kind`` is dict, list, queue, counter, array, buffer,
+    tuple (one holding shared objects), same (an object shown already), pickle or value."""
+
+    kind: str
+    offset: int = 0
+    length: int = 0
+    value: Any = None  #: value: the value; counter: its value; same: the first path; pickle
+    #: the _Pickled; array: (dtype, shape, first values or None)
+    children: list[tuple[Any, Any]] | None = None  #: (key or index, value): shown below it
+    cut: bool = False  #: a container with items below --depth
+
+
+def _path_part(key: Any) -> str:
+    """A dict key or index as a PATH component: its str form, with % and / escaped."""
+    return str(key).replace("%", "%25").replace("/", "%2F")
+
+
+def _varint_at(buf: memoryview, p: int) -> tuple[int, int]:
+    """(n, end) of the LEB128 varint at ``buf[p:]`` (codec's blob lengths)."""
+    n = shift = 0
+    while True:
+        if p >= len(buf) or shift > 63:
+            raise CorruptHeapError(f"blob: bad varint at byte {p}")
+        b = buf[p]
+        p += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return n, p
+
+
+def _has_ref(v: Any) -> bool:
+    return type(v) is _Ref or type(v) is tuple and any(_has_ref(x) for x in v)
+
+
+class _ObjectReader:
+    """Reads shared objects cell by cell, under the heap lock, through the object header table
+    of :mod:`pheap.objects` (never through handles): refs come back as offsets, a stored pickle
+    is loaded only when allowed, damage raises CorruptHeapError naming the offset, and each
+    object is expanded once (a second path to it, or a cycle, shows as the same object).
+
+    Wanted from the object layer: ``objects.read(core, off) -> (kind, cells)`` and a decode
+    that leaves refs as offsets and pickles as bytes; until then this reads the format.
+    """
+
+    def __init__(self, core: Any, allow_pickle: bool, depth: int | None) -> None:
+        self.core = core
+        self.w = core._w
+        self.allow_pickle = allow_pickle
+        self.depth = depth
+        self.seen: dict[int, tuple[str, str]] = {}  #: offset -> (kind, first path)
+        self.pickles = 0  #: pickles met and not loaded
+
+    # -- cells and blobs ---------------------------------------------------------------------
+
+    def value(self, c: int) -> Any:
+        """The value of cell ``c``: a Python value, a _Ref or a _Pickled."""
+        if c & 1 or c & 7 == codec.TAG_IMM:
+            return codec.from_cell(c)
+        if c & 7 == codec.TAG_REF:
+            return _Ref(codec.ref_offset(c))
+        if c & 7 or not c:
+            raise CorruptHeapError(f"cell {c:#x} is neither a value, a blob nor a ref")
+        try:
+            buf = self.core.payload(c)
+        except InvalidPointerError:
+            raise CorruptHeapError(f"a blob cell names offset {c}, not a live allocation") \
+                from None
+        try:
+            return self.blob(memoryview(buf))
+        except CorruptHeapError as e:
+            raise CorruptHeapError(f"offset {c}: {e}") from None
+
+    def blob(self, buf: memoryview) -> Any:
+        """The value of the blob at the start of ``buf``; pickles as _Pickled (loaded when
+        allowed), inside tuples too."""
+        if buf[0] == codec.BLOB_PICKLE:
+            n, p = _varint_at(buf, 1)
+            if p + n > len(buf):
+                raise CorruptHeapError(f"blob: pickle of {n} bytes runs past its block")
+            if not self.allow_pickle:
+                self.pickles += 1
+                return _Pickled(n)
+            try:
+                return _Pickled(n, True, pickle.loads(buf[p:p + n]))
+            except Exception as e:  # noqa: BLE001 - any failure of pickle: shown, not raised
+                why = f"{type(e).__name__}: {e}".splitlines()[0]
+                return _Pickled(n, error=why[:DUMP_CUT * 2])
+        if buf[0] in (codec.BLOB_TUPLE, codec.BLOB_FROZENSET):
+            try:
+                return codec.decode(buf, deref=_Ref, allow_pickle=self.allow_pickle)
+            except UnpicklingNotAllowedError:
+                return self._container(buf)  # a pickle inside: item by item
+            except CorruptHeapError:
+                raise
+            except Exception:  # noqa: BLE001 - a pickle inside that does not load here
+                if not self.allow_pickle:
+                    raise
+                return self._container(buf)
+        return codec.decode(buf, deref=_Ref)
+
+    def _container(self, buf: memoryview) -> Any:
+        n, p = _varint_at(buf, 1)
+        items = []
+        for _ in range(n):
+            if p >= len(buf):
+                raise CorruptHeapError("blob: a tuple's items run past its block")
+            end = p + codec.blob_length(buf[p:])
+            items.append(self.blob(buf[p:end]))
+            p = end
+        if buf[0] == codec.BLOB_TUPLE:
+            return tuple(items)
+        try:
+            return frozenset(items)
+        except TypeError:
+            return tuple(items)
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def kind(self, off: int) -> int:
+        """The kind of the shared object at ``off`` (checked to be one)."""
+        try:
+            self.core.live_size(off)
+        except InvalidPointerError:
+            raise CorruptHeapError(f"offset {off}: a ref names something that is not a live "
+                                   "allocation") from None
+        o = off >> 3
+        kind = objects._kind_at(self.w, o)
+        if kind not in objects.KINDS or not self.w[o + objects.O_SERIAL]:
+            raise CorruptHeapError(f"offset {off}: a ref names something that is not a live "
+                                   "shared object")
+        return kind
+
+    def items(self, off: int, kind: int) -> list[tuple[Any, Any]]:
+        """(key, value) of a dict, (index, value) of a list or queue (from its head)."""
+        w = self.w
+        o = off >> 3
+        if kind == objects.DICT:
+            used, ecap = w[o + objects.D_USED], w[o + objects.D_ECAP]
+            if used > ecap:
+                raise CorruptHeapError(f"offset {off}: dict uses {used} of {ecap} entries")
+            self._array(off, w[o + objects.D_ENTRIES], ecap * objects.ENTRY * 8)
+            ent = w[o + objects.D_ENTRIES] >> 3
+            out = []
+            for e in range(used):
+                b = ent + objects.ENTRY * e
+                if w[b + 1]:
+                    out.append((self.value(w[b + 1]), self.value(w[b + 2])))
+            return out
+        if kind == objects.LIST:
+            n, cap = w[o + objects.L_LEN], w[o + objects.L_CAP]
+            if n > cap:
+                raise CorruptHeapError(f"offset {off}: list length {n} past its capacity {cap}")
+            self._array(off, w[o + objects.L_ITEMS], cap * 8)
+            items = w[o + objects.L_ITEMS] >> 3
+            return [(i, self.value(w[items + i])) for i in range(n)]
+        n, head, cap = w[o + objects.Q_LEN], w[o + objects.Q_HEAD], w[o + objects.Q_CAP]
+        if n > cap or (cap and head >= cap):
+            raise CorruptHeapError(f"offset {off}: queue of {n} items from {head} in {cap}")
+        self._array(off, w[o + objects.Q_ITEMS], cap * 8)
+        items = w[o + objects.Q_ITEMS] >> 3
+        return [(i, self.value(w[items + (head + i) % cap])) for i in range(n)]
+
+    def _array(self, off: int, p: int, nbytes: int) -> None:
+        if not nbytes:
+            return
+        try:
+            have = self.core.live_size(p)
+        except InvalidPointerError:
+            raise CorruptHeapError(f"offset {off}: its items at {p} are not a live "
+                                   "allocation") from None
+        if have < nbytes:
+            raise CorruptHeapError(f"offset {off}: its items hold {have} bytes, {nbytes} "
+                                   "needed")
+
+    def node(self, v: Any, path: str, depth: int) -> _Node:
+        """What to show of value ``v`` met at ``path``, ``depth`` levels below the start."""
+        if type(v) is _Pickled:
+            return _Node("pickle", length=v.nbytes, value=v)
+        if type(v) is tuple and _has_ref(v):
+            items = list(enumerate(v))
+            if self.depth is not None and depth >= self.depth:
+                return _Node("tuple", length=len(v), cut=bool(v))
+            return _Node("tuple", length=len(v), children=items)
+        if type(v) is not _Ref:
+            return _Node("value", value=v)
+        off = v.offset
+        kind = self.kind(off)
+        name = objects.KINDS[kind]
+        first = self.seen.get(off)
+        o = off >> 3
+        w = self.w
+        if kind == objects.ARRAY:
+            try:
+                dtype, shape, data, nbytes = objects._array_meta(w, off)
+            except UnicodeDecodeError:
+                raise CorruptHeapError(f"offset {off}: array dtype is not text") from None
+            name = "buffer" if dtype == "|mv" else "array"
+            if first is not None:
+                return _Node("same", off, value=(name, first[1]))
+            self.seen[off] = (name, path)
+            if data + nbytes > self.core._cap:
+                raise CorruptHeapError(f"offset {off}: array data runs past the mapping")
+            return _Node(name, off, nbytes, (dtype, shape, self._first(dtype, data, nbytes)))
+        if first is not None:
+            return _Node("same", off, value=(name, first[1]))
+        if kind == objects.COUNTER:
+            self.seen[off] = (name, path)
+            return _Node("counter", off, value=objects._from_i64(w[o + objects.C_VALUE]))
+        length = w[o + {objects.DICT: objects.D_COUNT, objects.LIST: objects.L_LEN,
+                        objects.QUEUE: objects.Q_LEN}[kind]]
+        if self.depth is not None and depth >= self.depth:
+            return _Node(name, off, length, cut=bool(length))  # not expanded: not 'seen'
+        self.seen[off] = (name, path)
+        return _Node(name, off, length, children=self.items(off, kind))
+
+    def _first(self, dtype: str, data: int, nbytes: int) -> Any:
+        """The first values of an array (None without numpy), or a buffer's first bytes."""
+        if dtype == "|mv":
+            return bytes(self.core.region.mm[data:data + min(nbytes, BUFFER_FIRST)])
+        try:
+            import numpy as np
+        except ImportError:
+            return None
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise CorruptHeapError(f"array dtype {dtype!r} is not a numpy type") from None
+        n = min(nbytes // max(dt.itemsize, 1), ARRAY_FIRST)
+        raw = bytes(self.core.region.mm[data:data + n * dt.itemsize])
+        return np.frombuffer(raw, dtype=dt).tolist()
+
+    def find(self, parts: list[str]) -> tuple[Any, str]:
+        """(value, canonical path) that PATH components ``parts`` name from the root."""
+        root = int(self.w[F.H_OBJECTS])
+        v: Any = _Ref(root) if root else {}
+        path = "root"
+        for part in parts:
+            name = part.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
+            if type(v) is _Ref:
+                kind = self.kind(v.offset)
+                what = objects.KINDS[kind]
+                if kind == objects.DICT:
+                    v = self._key(self.items(v.offset, kind), name, path)
+                elif kind in (objects.LIST, objects.QUEUE):
+                    v = self._index(self.items(v.offset, kind), name, path, what)
+                else:
+                    raise _no_path(f"{path} is a {what}: a PATH goes into dicts, lists, "
+                                   "queues and tuples")
+            elif type(v) is tuple:
+                v = self._index(list(enumerate(v)), name, path, "tuple")
+            elif type(v) is dict:  # the root of a heap without objects
+                raise _no_path(f"{path}/{part}: the heap has no objects")
+            else:
+                what = "pickle" if type(v) is _Pickled else type(v).__name__
+                raise _no_path(f"{path} is a {what}, not a container: nothing at "
+                               f"{path}/{part}")
+            path = f"{path}/{part}"
+        return v, path
+
+    @staticmethod
+    def _key(items: list[tuple[Any, Any]], name: str, path: str) -> Any:
+        hits = [(k, v) for k, v in items if str(k) == name]
+        if len(hits) > 1:
+            exact = [(k, v) for k, v in hits if type(k) is str]
+            if len(exact) != 1:
+                raise _no_path(f"{path}/{_path_part(name)}: several keys of the dict at {path} "
+                               f"read {name!r}: " + ", ".join(repr(k) for k, _ in hits))
+            hits = exact
+        if not hits:
+            some = ", ".join(_short(k, False)[0] for k, _ in items[:5])
+            raise _no_path(f"{path}/{_path_part(name)}: no such key in the dict at {path} ("
+                           + (f"{_n(len(items), 'key')}: {some}" if items else "it is empty")
+                           + (", ..." if len(items) > 5 else "") + ")")
+        return hits[0][1]
+
+    @staticmethod
+    def _index(items: list[tuple[Any, Any]], name: str, path: str, what: str) -> Any:
+        try:
+            i = int(name)
+        except ValueError:
+            raise _no_path(f"{path}/{name}: the {what} at {path} takes an index, not "
+                           f"{name!r}") from None
+        if not -len(items) <= i < len(items):
+            raise _no_path(f"{path}/{name}: index {i} out of range: the {what} at {path} has "
+                           f"{_n(len(items), 'item')}")
+        return items[i][1]
+
+
+def _no_path(text: str) -> CliError:
+    return CliError(EXIT_USAGE, f"{text} (`pheap dump FILE` shows the tree)")
+
+
+def _safe_repr(v: Any) -> str:
+    try:
+        return repr(v)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        if type(v) is int:
+            return f"<int of {v.bit_length()} bits: --full prints every digit>"
+        raise
+    except Exception as e:  # noqa: BLE001 - an unpickled object's own repr failing
+        return f"<{type(v).__name__}: repr failed: {type(e).__name__}>"
+
+
+def _short(v: Any, full: bool) -> tuple[str, bool]:
+    """(text of ``v``, whether it was cut): str and bytes past DUMP_CUT characters or bytes,
+    and other values whose repr is longer, are cut unless ``full``."""
+    t = type(v)
+    if (t is str or t is bytes) and not full and (len(v) > DUMP_CUT + 20 or
+                                                   len(repr(v)) > DUMP_CUT + 20):
+        k = DUMP_CUT
+        while k > 1 and len(repr(v[:k])) > DUMP_CUT + 3:  # escapes take up to 4 each
+            k = k * 2 // 3
+        return f"{v[:k]!r}... ({len(v)} {'chars' if t is str else 'bytes'})", True
+    if t is _Pickled:
+        if not v.loaded:
+            return repr(v), False
+        text, cut = _short(v.value, full)
+        return f"{text} (unpickled, {v.nbytes} bytes)", cut
+    r = _safe_repr(v)
+    if len(r) > DUMP_CUT + 20 and not full:
+        return f"{r[:DUMP_CUT]}... ({len(r)} chars of repr)", True
+    return r, False
+
+
+def _array_text(node: _Node) -> str:
+    dtype, shape, first = node.value
+    if node.kind == "buffer":
+        more = "..." if node.length > len(first) else ""
+        return f"buffer, {node.length} bytes, offset {node.offset}: {first!r}{more}"
+    dims = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    try:
+        import numpy as np
+
+        dtype = np.dtype(dtype).name
+    except (ImportError, TypeError, ValueError):
+        pass
+    head = f"array {dtype} {dims}, offset {node.offset}"
+    if first is None:
+        return head + " (numpy is not installed: values not shown)"
+    count = math.prod(shape)
+    return head + ": [" + ", ".join(map(repr, first)) + (", ...]" if count > len(first)
+                                                         else "]")
+
+
+class _DumpText:
+    """Lines of the tree: ``KEY: what``, indented by depth."""
+
+    def __init__(self, full: bool, depth: int | None) -> None:
+        self.full, self.depth = full, depth
+        self.lines: list[str] = []
+        self.cut = 0  #: values cut short
+
+    def describe(self, node: _Node) -> str:
+        if node.kind in ("dict", "list", "queue", "tuple"):
+            text = f"{node.kind}, {_n(node.length, 'item')}"
+            if node.kind != "tuple":
+                text += f", offset {node.offset}"
+            else:
+                text += ", holding shared objects"
+            if node.cut:
+                text += f" (not shown: below --depth {self.depth})"
+            return text
+        if node.kind == "counter":
+            return f"counter {node.value}, offset {node.offset}"
+        if node.kind in ("array", "buffer"):
+            return _array_text(node)
+        if node.kind == "same":
+            kind, first = node.value
+            return f"<same {kind} as {first}>"
+        text, cut = _short(node.value, self.full)
+        self.cut += cut
+        return text
+
+    def enter(self, depth: int, label: str, node: _Node) -> None:
+        self.lines.append(f"{'  ' * depth}{label}: {self.describe(node)}")
+
+    def leave(self, depth: int, node: _Node) -> None:
+        pass
+
+
+class _DumpJson:
+    """The tree as one JSON document (indented); values JSON cannot hold are tagged strings
+    in angle brackets."""
+
+    def __init__(self, full: bool, depth: int | None) -> None:
+        self.full, self.depth = full, depth
+        self.text = _DumpText(full, depth)  # for the tags
+        self.parts: list[str] = []
+        self.stack: list[list[Any]] = []  #: per open container: [is a dict, items, keys]
+        self.cut = 0
+
+    def _key(self, key: Any) -> str:
+        keys = self.stack[-1][2]
+        k = key if type(key) is str else str(key)
+        if k in keys:
+            k = f"<{type(key).__name__} {_safe_repr(key)}>"
+        keys.add(k)
+        return k
+
+    def _put(self, key: Any, text: str) -> None:
+        if self.stack:
+            top = self.stack[-1]
+            self.parts.append("," if top[1] else "")
+            top[1] += 1
+            self.parts.append("\n" + "  " * (len(self.stack) + 1))
+            if top[0]:
+                self.parts.append(json.dumps(self._key(key)) + ": ")
+        self.parts.append(text)
+
+    def value(self, v: Any) -> Any:
+        """``v`` as something json.dumps takes (tags for the rest)."""
+        t = type(v)
+        if v is None or t is bool or t is int:
+            if t is int and v.bit_length() > 13000 and not self.full:  # > 4000 digits
+                return f"<int of {v.bit_length()} bits>"
+            return v
+        if t is float:
+            return v if math.isfinite(v) else f"<float {v!r}>"
+        if t is str:
+            if len(v) > DUMP_CUT and not self.full:
+                self.cut += 1
+                return f"<str, {len(v)} chars: {v[:DUMP_CUT]!r}...>"
+            return v
+        if t is tuple:
+            return [self.value(x) for x in v]
+        if t is _Pickled and v.loaded:
+            return self.value(v.value)
+        text, cut = _short(v, self.full)
+        self.cut += cut
+        if t is _Pickled or text.startswith(t.__name__):
+            return text if t is _Pickled else f"<{text}>"
+        return f"<{t.__name__} {text}>"
+
+    def enter(self, depth: int, key: Any, node: _Node) -> None:
+        if node.children is not None:
+            self._put(key, "{" if node.kind == "dict" else "[")
+            self.stack.append([node.kind == "dict", 0, set()])
+            return
+        if node.kind == "value" or node.kind == "pickle":
+            self._put(key, json.dumps(self.value(node.value)))
+        elif node.kind == "counter":
+            self._put(key, json.dumps(node.value))
+        elif node.kind in ("dict", "queue", "list", "tuple") and not node.length:
+            self._put(key, "{}" if node.kind == "dict" else "[]")
+        elif node.kind == "same":
+            self._put(key, json.dumps(self.text.describe(node)))
+        else:
+            self._put(key, json.dumps(f"<{self.text.describe(node)}>"))
+
+    def leave(self, depth: int, node: _Node) -> None:
+        top = self.stack.pop()
+        end = "}" if top[0] else "]"
+        self.parts.append(("\n" + "  " * (len(self.stack) + 1) if top[1] else "") + end)
+
+
+def _dump_walk(reader: _ObjectReader, value: Any, path: str, out: Any, json_keys: bool) -> None:
+    """Show ``value`` (found at ``path``) and everything below it through ``out``, depth
+    first, without recursion (shared objects nest as deep as anyone made them)."""
+    node = reader.node(value, path, 0)
+    out.enter(0, path, node)
+    if node.children is None:
+        return
+    stack: list[tuple[_Node, str, Iterator[tuple[Any, Any]]]] = [(node, path, iter(node.children))]
+    while stack:
+        parent, ppath, it = stack[-1]
+        item = next(it, None)
+        if item is None:
+            stack.pop()
+            out.leave(len(stack), parent)
+            continue
+        key, v = item
+        cpath = f"{ppath}/{_path_part(key)}"
+        child = reader.node(v, cpath, len(stack))
+        label = key if json_keys else (str(key) if parent.kind != "dict" else
+                                       _short(key, False)[0])
+        out.enter(len(stack), label, child)
+        if child.children is not None:
+            stack.append((child, cpath, iter(child.children)))
+
+
+@contextmanager
+def _int_digits(limit: int | None) -> Iterator[None]:
+    """Lift the limit on digits of int <-> str conversions (0: none) while dump renders."""
+    get = getattr(sys, "get_int_max_str_digits", None)
+    if limit is None or get is None:
+        yield
+        return
+    before = get()
+    sys.set_int_max_str_digits(limit)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    path = args.file
+    given = (args.path or "root").strip("/")
+    parts = given.split("/") if given else []
+    if parts and parts[0] == "root":
+        parts = parts[1:]
+    out: _DumpText | _DumpJson = (_DumpJson if args.json else _DumpText)(args.full, args.depth)
+    with _inspect(args) as h, _int_digits(0 if args.full else None):
+        core = h._core
+
+        def read() -> tuple[bool, int]:
+            reader = _ObjectReader(core, args.allow_pickle, args.depth)
+            if not core._w[F.H_OBJECTS] and not parts:
+                return False, 0
+            try:
+                value, where = reader.find(parts)
+                _dump_walk(reader, value, where, out, args.json)
+            except IndexError:  # a word past the mapping: damage the checks above missed
+                raise CorruptHeapError("an object's fields point past the mapping") from None
+            return True, reader.pickles
+
+        found, pickles = core.run(read)
+    if not found:
+        if args.json:
+            print(json.dumps({"file": path, "path": "root", "value": {}}, indent=2))
+        else:
+            print(f"{path}: no objects (the heap has no root dict)")
+        return EXIT_OK
+    if isinstance(out, _DumpJson):
+        sys.stdout.write(f'{{\n  "file": {json.dumps(path)},\n  "path": '
+                         f'{json.dumps("/".join(["root", *parts]))},\n  "value": ')
+        text = "".join(out.parts)
+        for i in range(0, len(text), COPY_CHUNK):
+            sys.stdout.write(text[i:i + COPY_CHUNK])
+        sys.stdout.write("\n}\n")
+    else:
+        for i in range(0, len(out.lines), 4096):
+            sys.stdout.write("\n".join(out.lines[i:i + 4096]) + "\n")
+    sys.stdout.flush()
+    notes = []
+    if out.cut:
+        notes.append(f"{_n(out.cut, 'value')} cut short (--full shows them whole)")
+    if pickles:
+        notes.append(f"{_n(pickles, 'pickle')} not loaded (--allow-pickle loads them: only for "
+                     "files you trust, unpickling runs code)")
+    if notes:
+        _note(f"{path}: " + "; ".join(notes))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# gc: free the shared objects nothing reaches
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def cmd_gc(args: argparse.Namespace) -> int:
+    path = args.file
+    with _open(path, "r" if args.dry_run else "w", args.timeout, "gc") as h:
+        with h.lock():  # one hold: the counts and the bytes freed belong together
+            before = h.stats().used_bytes
+            counts = dict(h.gc(dry_run=args.dry_run))
+            counts["bytes_freed"] = before - h.stats().used_bytes
+    if args.json:
+        print(json.dumps(dict(counts, path=path, dry_run=bool(args.dry_run)), indent=2))
+        return EXIT_OK
+    n, kept, lost = counts["objects"], counts["reachable"], counts["unreachable"]
+    head = f"{path}: {_n(n, 'shared object')}, {kept} reachable (from the root, or kept by " \
+        "a live process)"
+    if not lost:
+        print(f"{head}; nothing to free")
+    elif args.dry_run:
+        print(f"{head}; {lost} unreachable, left by processes that died holding them: "
+              f"gc would free them (dry run, nothing changed)")
+    else:
+        print(f"{head}; freed {lost} unreachable, left by processes that died holding them "
+              f"({_map.human(counts['bytes_freed'])})")
+    return EXIT_OK
 
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    size = dict(_bench.QUICK if args.quick else _bench.FULL)
+    for k in ("keys", "repeats", "budget"):
+        if getattr(args, k) is not None:
+            size[k] = getattr(args, k)
+    progress = _progress(args, "pheap bench")
+    show = progress.enabled
+
+    def step(text: str) -> None:
+        if show:
+            print(f"\r{text[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    try:
+        code = _bench.run(int(size["keys"]), int(size["repeats"]), float(size["budget"]),
+                          progress=step)
+    finally:
+        if show:
+            print(f"\r{'':<70}\r", end="", file=sys.stderr, flush=True)
+    return EXIT_OK if code == 0 else EXIT_INTERNAL
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     if args.path is not None and os.path.lexists(args.path):
         raise CliError(EXIT_UNUSABLE, f"{args.path}: already exists; the demo writes a new heap "
                        "there: give a path that does not exist yet")
-    return EXIT_OK if run_demo(args.workers, args.records, args.path) == 0 else EXIT_INTERNAL
+    from .demo import run_demo
+
+    return run_demo(args.workers, args.records, args.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -943,6 +1596,46 @@ def _opt_repair(s: argparse.ArgumentParser) -> None:
                    "(default 0: do not wait)")
 
 
+def _opt_dump(s: argparse.ArgumentParser) -> None:
+    s.add_argument("path", metavar="PATH", nargs="?", default=None,
+                   help="the subtree to show (default root): dict keys by their str form, "
+                   "list, queue and tuple items by index, separated by /, e.g. "
+                   "root/users/bob/tags/0 (a leading root/ may be left out; %%2F is a / inside "
+                   "a key, %%25 a %%)")
+    s.add_argument("--depth", type=_whole(0), default=None, metavar="N",
+                   help="show N levels below PATH (default: all)")
+    s.add_argument("--full", action="store_true",
+                   help=f"show long values whole (default: str and bytes past {DUMP_CUT} "
+                   "characters or bytes are cut, with their length)")
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="load stored pickles to show them (default: shown as <pickle, N "
+                   "bytes>; unpickling runs code: only for files you trust)")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON document: {file, path, value}; values JSON cannot hold "
+                   "(bytes, NaN, pickles, arrays, shared references) are strings in <angle "
+                   "brackets>")
+
+
+def _opt_gc(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--dry-run", action="store_true",
+                   help="count what gc would free and change nothing (opens the heap "
+                   "read-only)")
+    s.add_argument("--timeout", type=_seconds, default=INSPECT_TIMEOUT, metavar="SECONDS",
+                   help=f"wait at most this long for a process that holds the heap lock, then "
+                   f"exit 6 naming it (default {INSPECT_TIMEOUT:g})")
+    _opt_json(s)
+
+
+def _opt_bench(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--quick", action="store_true",
+                   help="2000 keys, 3 repeats: well under a minute (default: 20000 keys, 5 "
+                   "repeats: a few minutes)")
+    s.add_argument("--keys", type=_whole(1), default=None, help=argparse.SUPPRESS)
+    s.add_argument("--repeats", type=_whole(1), default=None, help=argparse.SUPPRESS)
+    s.add_argument("--budget", type=_seconds, default=None, help=argparse.SUPPRESS)
+    _opt_progress(s)
+
+
 def _opt_demo(s: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=_whole(1), default=4, help="processes (default 4)")
     s.add_argument("--records", type=_whole(1), default=20000,
@@ -952,8 +1645,7 @@ def _opt_demo(s: argparse.ArgumentParser) -> None:
 
 
 #: Every command: (name, function, one-line help, option adders). Inspection commands take
-#: _opt_access (--timeout/--snapshot). ``dump`` (object layer), ``gc`` and ``bench`` will be rows
-#: here too.
+#: _opt_access (--timeout/--snapshot).
 COMMANDS: Final[list[tuple[str, Callable[[argparse.Namespace], int], str,
                            tuple[Callable[[argparse.ArgumentParser], None], ...]]]] = [
     ("info", cmd_info, "header fields", (_opt_file, _opt_json, _opt_access)),
@@ -967,7 +1659,15 @@ COMMANDS: Final[list[tuple[str, Callable[[argparse.Namespace], int], str,
      (_opt_file, _opt_map, _opt_access)),
     ("repair", cmd_repair, "undo a dead process's operation; rebuild the bins from the tags",
      (_opt_file, _opt_repair, _opt_progress)),
-    ("demo", cmd_demo, "worker processes share one persistent heap", (_opt_demo,)),
+    ("dump", cmd_dump, "print the shared objects from the root dict (or the subtree PATH "
+     "names)", (_opt_file, _opt_dump, _opt_access)),
+    ("gc", cmd_gc, "free the shared objects nothing reaches (left by processes that died)",
+     (_opt_file, _opt_gc)),
+    ("bench", cmd_bench, "time pheap's shared dict against dict, Manager, shelve, sqlite3 "
+     "and the peers installed here", (_opt_bench,)),
+    ("demo", cmd_demo, "worker processes fill one heap file's shared dict, list and counter; "
+     "one is SIGKILLed mid-transaction and replaced; a new interpreter verifies every record",
+     (_opt_demo,)),
 ]
 
 
@@ -981,8 +1681,9 @@ def exit_code_table() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pheap", description="Inspect, check, repair and draw pheap heap files, or "
-                "run the demo.", epilog=exit_code_table(),
+    p = _Parser(prog="pheap", description="Inspect, check, repair and draw pheap heap files, "
+                "show and collect\ntheir shared objects, time pheap, or run the demo.",
+                epilog=exit_code_table(),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"pheap {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1036,7 +1737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pheap`` command; returns the exit code (see the module docstring)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command == "dump" and args.path is None and \
+                not extra[0].startswith("-"):
+            args.path = extra.pop(0)  # dump FILE --option PATH: argparse took FILE alone
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, --version, or a usage error (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:

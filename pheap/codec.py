@@ -45,7 +45,7 @@ after tag        16     value        tag 7 COMPLEX: real, then imaginary part, a
 after n          var    n items      tag 8 FROZENSET: n nested blobs, sorted by their bytes
 ===============  =====  ===========  =======================================================
 
-Decisions beyond the brief, and why:
+Decisions, and why:
 
 * **CELL (tag 0) is a blob too**, not only a tuple item, so ``encode`` is total: ``None``,
   ``True`` and ``False`` have no other blob. The grammar gets simpler as well: a tuple item is
@@ -87,14 +87,16 @@ h(True)``), keyed by a per-heap secret (keyed BLAKE2b) so that colliding keys ca
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 import struct
-import traceback
 from collections.abc import Callable
 from typing import Any, Final
 
 from .errors import CorruptHeapError, InvalidPointerError, UnpicklingNotAllowedError
+
+try:  # the BLAKE2 module itself: hashlib would load OpenSSL's bindings too (~2 ms of import)
+    from _blake2 import blake2b as _blake2b
+except ImportError:  # pragma: no cover - an interpreter without the builtin module
+    from hashlib import blake2b as _blake2b
 
 __all__ = [
     "cell",
@@ -187,8 +189,8 @@ assert len({NONE_CELL, FALSE_CELL, TRUE_CELL}) == 3 and EMPTY not in (NONE_CELL,
 assert BLOB_TAGS == BLOB_FROZENSET + 1 and BLOB_CELL == 0
 assert 7 * VARINT_MAX_BYTES == 63 and (1 << 63) - 1 <= CELL_MASK
 assert struct.calcsize("<d") == FLOAT_BYTES
-assert HASH_KEY_MIN <= HASH_KEY_MAX <= hashlib.blake2b.MAX_KEY_SIZE
-assert len(HASH_PERSON) <= hashlib.blake2b.PERSON_SIZE
+assert HASH_KEY_MIN <= HASH_KEY_MAX <= _blake2b.MAX_KEY_SIZE
+assert len(HASH_PERSON) <= _blake2b.PERSON_SIZE
 
 # ---------------------------------------------------------------------------------------------
 # Precomputed pieces (derived from the constants above).
@@ -486,6 +488,8 @@ def _put(
                 raise ValueError(f"ref() gave {r!r} for a {_type_name(v)}, not a ref cell")
             out.append(_CELL_TAG + r.to_bytes(CELL_BYTES, "little"))
         elif allow_pickle:
+            import pickle  # (imported on first use: most heaps never pickle)
+
             data = pickle.dumps(v, protocol=PICKLE_PROTOCOL)
             out.append(_head(BLOB_PICKLE, len(data)))
             out.append(data)
@@ -682,6 +686,8 @@ def _read(
                 "open the heap with allow_pickle=True to load it (only heaps you trust: "
                 "unpickling runs code)"
             )
+        import pickle
+
         try:
             return pickle.loads(buf[p:e]), e
         except (pickle.UnpicklingError, EOFError) as exc:
@@ -806,6 +812,8 @@ def _unpin(exc: BaseException) -> None:
     its file and line numbers. The caller deletes its own ``buf``: an executing frame cannot be
     cleared.
     """
+    import traceback  # (on an error path only: it costs ~2 ms of import)
+
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -921,7 +929,7 @@ class StableHasher:
             raise ValueError(
                 f"hash key of {len(key)} bytes: need {HASH_KEY_MIN}..{HASH_KEY_MAX} random bytes"
             )
-        self._proto = hashlib.blake2b(digest_size=CELL_BYTES, key=key, person=HASH_PERSON)
+        self._proto = _blake2b(digest_size=CELL_BYTES, key=key, person=HASH_PERSON)
         self._strs: dict[str, int] = {}
         self._bytes: dict[bytes, int] = {}
         self._ints: dict[int, int] = {}

@@ -92,6 +92,8 @@ class TransactionTooLargeError(JournalFullError):
     """A transaction needed more undo log than it had. It was rolled back; the next one gets a
     log large enough (or pass ``log_size`` to ``Heap.transaction``)."""
 
+    needed: int = 0  #: bytes of log that would have held it so far (0: not known)
+
 
 class LockTimeoutError(PheapError, TimeoutError):
     """The heap lock could not be taken within the timeout."""

@@ -41,7 +41,10 @@ offset   size  field            meaning
 208      8     obj_seq          the object layer's version counter (odd while a writer is inside)
 216      8     obj_serial       the last serial number given to a shared object
 224      8     obj_grave        first object waiting to be freed (a list through the objects)
-232      24    reserved         zero; later entries
+232      8     obj_all          first of all shared objects (a list through their headers)
+240      8     entry_check      ``entry_check(root, objects, txlog)``: a damaged entry word
+                                shows as a mismatch instead of naming the wrong block
+248      8     reserved         zero; later entries
 256      8     owner_pid        pid of the process holding the lock; left set on release when
                                 work is pending (0 = none): an acquirer that finds it set
                                 recovers first
@@ -257,6 +260,9 @@ H_TXLOG: Final = 25  #: word index of txlog
 H_OBJ_SEQ: Final = 26  #: word index of obj_seq
 H_OBJ_SERIAL: Final = 27  #: word index of obj_serial
 H_OBJ_GRAVE: Final = 28  #: word index of obj_grave
+H_OBJ_ALL: Final = 29  #: word index of obj_all
+H_ENTRY_CHECK: Final = 30  #: word index of entry_check
+ENTRY_MIX: Final = 0x454E545259434B31  #: mixed into entry_check ("ENTRYCK1")
 
 H_OWNER_PID: Final = 32  #: word index of owner_pid
 H_OWNER_STATE: Final = 33  #: word index of owner_state
@@ -288,7 +294,7 @@ CTL_END: Final = (C_CLASS_CACHE + CLASS_COUNT) * WORD  #: first byte after the c
 assert MIN_BLOCK % ALIGN == 0 and MIN_BLOCK >= 4 * WORD
 assert SMALL_LIMIT == 1 << (SL_LOG2 + 3)  # level 0 holds 32 exact classes of 8 bytes
 assert CTL_END <= BLOCKS_OFF, (CTL_END, BLOCKS_OFF)
-assert H_RECOVERIES * WORD < JOURNAL_OFF and H_OBJ_GRAVE < H_OWNER_PID
+assert H_RECOVERIES * WORD < JOURNAL_OFF and H_OBJ_ALL < H_OWNER_PID
 assert (BLOCKS_OFF + WORD) % PAGE == 0
 assert (MAX_BLOCK - 1).bit_length() - 1 - 7 < FL_COUNT
 assert struct.calcsize("<Q") == WORD
@@ -424,6 +430,7 @@ FIELD_OFFSETS: Final = {
     "root": H_ROOT * WORD, "objects": H_OBJECTS * WORD, "max_size": H_MAX_SIZE * WORD,
     "peak_brk": H_PEAK_BRK * WORD, "txlog": H_TXLOG * WORD, "obj_seq": H_OBJ_SEQ * WORD,
     "obj_serial": H_OBJ_SERIAL * WORD, "obj_grave": H_OBJ_GRAVE * WORD,
+    "obj_all": H_OBJ_ALL * WORD, "entry_check": H_ENTRY_CHECK * WORD,
     "owner_pid": H_OWNER_PID * WORD, "owner_state": H_OWNER_STATE * WORD,
     "j_state": J_STATE * WORD,
 }
@@ -439,6 +446,12 @@ def header_crc(buf: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(bytes(buf[:CRC_END])) & 0xFFFFFFFF
 
 
+def entry_check(root: int, objects: int, txlog: int) -> int:
+    """The check word of the three entry words (kept in ``entry_check``; every store of an
+    entry stores it too, in the same operation)."""
+    return zlib.crc32(struct.pack("<3Q", root, objects, txlog)) ^ ENTRY_MIX
+
+
 def new_header(capacity: int, max_size: int) -> bytes:
     """The header page of a new, empty heap of ``capacity`` bytes (everything else zero)."""
     head = bytearray(HEADER_SIZE)
@@ -451,7 +464,7 @@ def new_header(capacity: int, max_size: int) -> bytes:
     struct.pack_into("<Q", head, H_CRC * WORD, header_crc(head))
     fields = {H_CAPACITY: capacity, H_BRK: BLOCKS_OFF, H_ZERO_FROM: BLOCKS_OFF,
               H_HOLE_FROM: meta_off(capacity), H_GENERATION: 1, H_MAX_SIZE: max_size,
-              H_PEAK_BRK: BLOCKS_OFF}
+              H_PEAK_BRK: BLOCKS_OFF, H_ENTRY_CHECK: entry_check(0, 0, 0)}
     for i, v in fields.items():
         struct.pack_into("<Q", head, i * WORD, v)
     return bytes(head)
@@ -535,12 +548,23 @@ def validate_fields(w: tuple[int, ...] | memoryview, file_size: int, what: str =
         if v and (v & 7 or not BLOCKS_OFF + WORD <= v < brk):
             raise CorruptHeapError(f"{what}: {at(name)}: {v} is not an offset in the block "
                                    f"area [{BLOCKS_OFF + WORD}, {brk})")
+    check_entries(w, what)
     if w[J_STATE] not in (0, J_OP, J_TX):
         raise CorruptHeapError(f"{what}: {at('j_state')}: {w[J_STATE]} is not 0, 1 or 2")
 
 
+def check_entries(w: tuple[int, ...] | memoryview, what: str = "heap") -> None:
+    """The entry words agree with their check word (CorruptHeapError names them if not)."""
+    root, objects, txlog = w[H_ROOT], w[H_OBJECTS], w[H_TXLOG]
+    if w[H_ENTRY_CHECK] != entry_check(root, objects, txlog):
+        raise CorruptHeapError(f"{what}: {at('entry_check')}: {w[H_ENTRY_CHECK]:#x} does not "
+                               f"match the entries root {root}, objects {objects}, txlog "
+                               f"{txlog}: one of them is damaged")
+
+
 def read_header(fd: int, what: str) -> tuple[bytes, int]:
-    """Read and validate the header page of the file open at ``fd``; (header, capacity)."""
-    size = os.fstat(fd).st_size
+    """Read and validate the header page of the file open at ``fd``; (header, capacity). The
+    header is read before the size: a growth in between only makes the file longer."""
     head = os.pread(fd, HEADER_SIZE, 0)
+    size = os.fstat(fd).st_size
     return head, validate_header(head, size, what)

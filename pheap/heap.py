@@ -37,6 +37,7 @@ from . import journal as J
 from .allocator import Allocator, BlockInfo, HeapStats
 from .errors import (
     CorruptHeapError,
+    DamagedJournalError,
     FormatError,
     HeapClosedError,
     InvalidPointerError,
@@ -241,6 +242,14 @@ class Core(Allocator):
         r = self.region
         w = self._w
         state = w[F.H_OWNER_STATE]
+        if w[F.J_STATE] and not w[F.H_OWNER_PID]:
+            # Every holder writes its pid before it changes anything and leaves it when it dies
+            # (or leaves work): a journal with no owner is stale or damaged, not a crash's.
+            raise DamagedJournalError(
+                f"{F.at('j_state')}: {w[F.J_STATE]} says an operation is pending, but "
+                f"{F.at('owner_pid')} is 0: no process held the lock; the journal is stale or "
+                "damaged, and undoing it could change committed data (pheap repair discards "
+                "it)")
         if w[F.J_STATE]:
             # Records may name words past the capacity the header shows now (a growth whose
             # capacity word an earlier, interrupted recovery already put back): map the whole
@@ -333,16 +342,19 @@ class Core(Allocator):
             return self._seq_call(fn, args)
         if not j.mode and self._w[_J_STATE]:
             self.finish_undo()
-        for mode in (J.ATOMIC, J.TX):
+        for mode in (J.ATOMIC, J.TX, J.TX, J.TX):
             self.open_bracket(mode)
             self._obj_depth = 1
             try:
                 r = fn(*args)
-            except JournalFullError:
+            except JournalFullError as e:
                 self._obj_depth = 0
                 self.close_bracket(False)
-                if mode == J.TX:
-                    raise
+                if mode == J.TX:  # again, with a log that would have held this attempt
+                    need = getattr(e, "needed", 0)
+                    if not need or need > self._cap:
+                        raise
+                    self.tx_log_want = max(self.tx_log_want * 2, need)
                 continue
             except BaseException:
                 self._obj_depth = 0
@@ -354,7 +366,8 @@ class Core(Allocator):
             if st is not None and (st.to_bury or self._w[_H_OBJ_GRAVE]):
                 self.after_op(self)
             return r
-        raise AssertionError("unreachable")
+        raise TransactionTooLargeError("an operation outgrew its transaction log three times "
+                                       "over, each time with a larger one")
 
     def finish_undo(self) -> None:
         """Finish a rollback an interrupt cut off; the version counter, left odd by it, goes on
@@ -477,7 +490,7 @@ class Core(Allocator):
 
         def swap() -> None:
             new = self._block(F.request_to_block(max(nbytes, 2 * F.RUN_LIMIT)), False) + 8
-            self._j.set(F.H_TXLOG, new)
+            self._set_entry_word(F.H_TXLOG, new)
             if cur:
                 b = cur - 8
                 self._set_alloc_bit(b, False)
@@ -762,7 +775,8 @@ class _Hold:
                         core.close_bracket(commit, self.durable)
                     finally:
                         if isinstance(ev, TransactionTooLargeError):
-                            core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE)
+                            core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE,
+                                                   ev.needed if ev.needed <= core._cap else 0)
         finally:
             while lk.owner == me and lk.depth > self.depth0:
                 lk.release()
@@ -1264,7 +1278,7 @@ class Heap:
         >>> h.read(a, 40)
         Traceback (most recent call last):
         ...
-        pheap.errors.InvalidPointerError: range [..., ...) runs past the end of the 24-byte slot at ...
+        pheap.errors.InvalidPointerError: range [..., ...) runs past the end of the 24-byte slot ...
         """
         c = self._live_core()
         return c.run(c.read, off, n)
@@ -1541,6 +1555,7 @@ class Heap:
             pass
 
     def __enter__(self) -> Heap:
+        """``with pheap.open(...) as h:`` closes the heap at the end of the block."""
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -195,8 +195,12 @@ def pending_records(w: memoryview, words: int) -> list[Record]:
 
     [] when nothing is in flight. ``words`` is the size of the mapping in words.
     """
-    if not w[_J_STATE]:
+    state = w[_J_STATE]
+    if not state:
         return []
+    if state not in (F.J_OP, F.J_TX):
+        raise DamagedJournalError(f"{F.at('j_state')}: {state} names no journal (1: the "
+                                  "operation journal, 2: the transaction log)")
     start, end = log_area(w)
     return records(w, words, start, start, end)
 
@@ -224,6 +228,8 @@ def forget_zeros(w: memoryview) -> None:
     cap = w[F.H_CAPACITY]
     if cap >= F.min_capacity() and cap % F.PAGE == 0:
         w[F.H_ZERO_FROM] = F.meta_off(cap)
+        if w[F.H_HOLE_FROM] > F.meta_off(cap):  # raised unlogged by an undone growth
+            w[F.H_HOLE_FROM] = F.meta_off(cap)
 
 
 def undo(w: memoryview, words: int) -> int:
@@ -232,10 +238,12 @@ def undo(w: memoryview, words: int) -> int:
     if not w[_J_STATE]:
         return 0
     recs = pending_records(w, words)
+    start = log_area(w)[0]
     restore(w, recs, bool(_points))
     if recs:
         forget_zeros(w)
     w[_J_STATE] = 0
+    w[start] = 0  # the log ends: a flipped j_state replays nothing
     return len(recs)
 
 
@@ -352,8 +360,10 @@ class Journal:
     def _full(self, n: int = 8) -> JournalFullError:
         size = (self.end - self.base) * 8
         if self.mode == TX:
-            return TransactionTooLargeError(
+            e = TransactionTooLargeError(
                 f"transaction log full: {n} more bytes do not fit in its {size} bytes")
+            e.needed = (self.pos - self.base) * 8 + n + 64  # at least this log would have held it
+            return e
         what = "an atomic() bracket" if self.mode == ATOMIC else "an operation"
         return JournalFullError(f"{what} changes more than the {size} bytes of the operation "
                                 "journal hold; use heap.transaction() for large updates")
@@ -385,7 +395,9 @@ class Journal:
         if self._crashy or self.durable:
             self._commit_word()
         else:
-            self.w[_J_STATE] = 0
+            w = self.w
+            w[_J_STATE] = 0
+            w[self.base] = 0  # the log ends at once: a flipped j_state replays nothing
         self.mode = IDLE
 
     def rollback(self, token: int) -> None:
@@ -416,6 +428,7 @@ class Journal:
             self._region.flush()
         else:
             self.w[_J_STATE] = 0
+        self.w[self.base] = 0  # the log ends at once: a flipped j_state replays nothing
 
     # -- brackets ------------------------------------------------------------------------------
 
@@ -468,6 +481,17 @@ class Journal:
             self.freed_spans.clear()
         if self.new_runs:
             self.new_runs.clear()
+
+    def overlaps_freed(self, start: int, end: int) -> bool:
+        """Whether [start, end) overlaps a block freed in the open bracket (or more were freed
+        than are tracked: then it may). O(blocks freed in it)."""
+        spans = self.freed_spans
+        if len(spans) > FRESH_SPANS:
+            return True
+        for a, b in spans:
+            if a < end and start < b:
+                return True
+        return False
 
     def block_is_fresh(self, start: int, end: int) -> bool:
         """Whether an allocation made now in the open bracket over [start, end) may be marked

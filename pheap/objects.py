@@ -19,11 +19,14 @@ word    field      meaning
 2       refs       references from cells of other objects and from the root entry
 3       float_pid  while refs is 0: the process whose handles keep it (0: none)
 4       next       next object waiting in the graveyard (``obj_grave``) to be freed
-5...    (kind)     below
+5       all_next   next object of the heap's list of all objects (``obj_all``), 0 at its end
+6       all_prev   previous one, 0 at its head: gc() and check() find every object there, and
+                   nothing else (a block whose bytes merely look like a header is not one)
+7...    (kind)     below
 ======  =========  ==========================================================================
 
 ================  ====================================================================
-kind              words from 5
+kind              words from 7
 ================  ====================================================================
 dict              used, count, entries, ecap, index, mask, version. ``entries`` holds
                   ``ecap`` entries of 3 words (hash, key cell, value cell) in insertion
@@ -62,11 +65,11 @@ object raise ReferenceError. Freeing is done a bounded step at a time after each
 from __future__ import annotations
 
 import os
-import platform
 import queue as _queue
 import threading
 import time
 import weakref
+from reprlib import recursive_repr as _recursive_repr
 from collections.abc import (
     Callable,
     ItemsView,
@@ -83,6 +86,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import codec
 from . import format as F
 from .errors import CorruptHeapError, InvalidPointerError, JournalFullError, PheapError
+from .journal import ATOMIC as _ATOMIC  # mode of an atomic bracket (a transaction's is above)
 
 if TYPE_CHECKING:
     from .heap import Core, Heap
@@ -109,24 +113,31 @@ O_SERIAL: Final = 1  #: word: serial number
 O_REFS: Final = 2  #: word: references from cells
 O_FLOAT: Final = 3  #: word: pid keeping a zero-refs object (0: none)
 O_NEXT: Final = 4  #: word: next object in the graveyard
-HEADER_WORDS: Final = 5  #: words of the common header
+O_ALL_NEXT: Final = 5  #: word: next object in the list of all objects
+O_ALL_PREV: Final = 6  #: word: previous object in that list
+HEADER_WORDS: Final = 7  #: words of the common header
+_H: Final = HEADER_WORDS
 
-D_USED, D_COUNT, D_ENTRIES, D_ECAP, D_INDEX, D_MASK, D_VERSION = range(5, 12)
-DICT_WORDS: Final = 12  #: words of a dict's header
+D_USED, D_COUNT, D_ENTRIES, D_ECAP, D_INDEX, D_MASK, D_VERSION = range(_H, _H + 7)
+DICT_WORDS: Final = _H + 7  #: words of a dict's header
 DUMMY: Final = 1 << 63  #: index word of a deleted entry
 ENTRY: Final = 3  #: words of a dict entry
 MIN_TABLE: Final = 8  #: smallest index table (power of two)
+#: A probe visits every slot within mask + 1 + 13 steps: the perturbation (the 64-bit hash,
+#: shifted right 5 bits a step) is 0 after 13 steps, and from then on i -> 5 i + 1 (mod a power
+#: of two) runs through every slot. So a probe longer than mask + _PROBE_EXTRA means damage.
+_PROBE_EXTRA: Final = 15
 
-L_LEN, L_ITEMS, L_CAP, L_VERSION = range(5, 9)
-LIST_WORDS: Final = 9  #: words of a list's header
+L_LEN, L_ITEMS, L_CAP, L_VERSION = range(_H, _H + 4)
+LIST_WORDS: Final = _H + 4  #: words of a list's header
 
-Q_HEAD, Q_LEN, Q_ITEMS, Q_CAP, Q_MAXSIZE, Q_PUTS = range(5, 11)
-QUEUE_WORDS: Final = 11  #: words of a queue's header
+Q_HEAD, Q_LEN, Q_ITEMS, Q_CAP, Q_MAXSIZE, Q_PUTS = range(_H, _H + 6)
+QUEUE_WORDS: Final = _H + 6  #: words of a queue's header
 
-C_VALUE: Final = 5  #: word of a counter's value
-COUNTER_WORDS: Final = 6  #: words of a counter
+C_VALUE: Final = _H  #: word of a counter's value
+COUNTER_WORDS: Final = _H + 1  #: words of a counter
 
-A_DTYPE, A_NDIM, A_DATA, A_NBYTES, A_SHAPE = range(5, 10)
+A_DTYPE, A_NDIM, A_DATA, A_NBYTES, A_SHAPE = range(_H, _H + 5)
 MAX_NDIM: Final = 32  #: most dimensions an array may have (numpy's limit)
 ARRAY_ALIGN: Final = 64  #: alignment of array data, bytes
 
@@ -138,7 +149,7 @@ assert DUMMY > 1 << 48 and MIN_TABLE & (MIN_TABLE - 1) == 0
 
 #: Whether reads skip the lock (seqlock). Only where stores become visible in program order:
 #: x86 and x86-64 (TSO). Weaker CPUs (ARM, POWER) read under the lock.
-LOCK_FREE_READS: Final = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+LOCK_FREE_READS: Final = os.uname().machine.lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 READ_TRIES: Final = 3  #: lock-free tries before a read takes the lock
 REAP_STEP: Final = 16  #: cells a graveyard step frees at most (bounded journal use; a step
 #: that still outgrows the operation journal is undone and tried again with half as many)
@@ -155,6 +166,7 @@ UNJOURNALED: Final = {
     "_list_append": "a cell past 'len', published by the journaled 'len' store",
     "_queue_put": "a cell past the ring's used part, published by the journaled 'len' store",
     "_new_obj": "the header of an object just allocated in the operation (fresh or logged)",
+    "_counter_store": "a counter's one aligned word outside a bracket (journaled inside one)",
 }
 
 _get_ident = threading.get_ident
@@ -334,11 +346,15 @@ def _new_obj(st: _State, kind: int, nwords: int, refs: int = 0) -> int:
     w = core._w
     serial = w[F.H_OBJ_SERIAL] + 1
     core._j.set(F.H_OBJ_SERIAL, serial)
+    head = w[F.H_OBJ_ALL]
     data = bytearray(nwords * 8)
     for i, v in ((O_KIND, MAGIC | kind), (O_SERIAL, serial), (O_REFS, refs),
-                 (O_FLOAT, 0 if refs else st.pid)):
+                 (O_FLOAT, 0 if refs else st.pid), (O_ALL_NEXT, head)):
         data[i * 8:i * 8 + 8] = v.to_bytes(8, "little")
     _fill(st, p, data)
+    if head:
+        core._j.set((head >> 3) + O_ALL_PREV, p)
+    core._j.set(F.H_OBJ_ALL, p)
     return p
 
 
@@ -367,6 +383,8 @@ def _decref(st: _State, off: int) -> None:
     o = off >> 3
     refs = w[o + O_REFS]
     if refs == 0:
+        if not w[o + O_SERIAL] and _kind_at(w, o):
+            return  # already in the graveyard: gc() buried it with the garbage that held it
         raise CorruptHeapError(f"offset {off}: object's reference count is 0 and drops again")
     core._j.set(o + O_REFS, refs - 1)
     if refs == 1:
@@ -491,6 +509,10 @@ def _reap_step(st: _State, left: int) -> None:
                                "object")
     core._j.set(F.H_OBJ_GRAVE, w[o + O_NEXT])
     core._j.set(o + O_KIND, 0)  # no longer an object (a stray handle's check fails)
+    nxt, prev = w[o + O_ALL_NEXT], w[o + O_ALL_PREV]  # off the list of all objects
+    if nxt:
+        core._j.set((nxt >> 3) + O_ALL_PREV, prev)
+    core._j.set((prev >> 3) + O_ALL_NEXT if prev else F.H_OBJ_ALL, nxt)
     core.jfree(off)
 
 
@@ -642,11 +664,46 @@ def _dict_new(st: _State, items: Iterable[tuple[Any, Any]] = (), refs: int = 0) 
     """A new dict holding ``items`` (inside an operation); its offset."""
     items = list(items)
     off = _new_obj(st, DICT, DICT_WORDS, refs)
-    core = st.core
     o = off >> 3
-    _dict_alloc(st, o, _table_for(max(len(items), 1)))
-    for k, v in items:
-        _dict_set(st, o, k, v)
+    parts = [_key_parts(st, k) for k, _ in items]
+    if len(items) <= MIN_TABLE or len({(h, kc, kb) for h, kc, kb in parts}) < len(items):
+        _dict_alloc(st, o, _table_for(max(len(items), 1)))  # (equal keys: dict's rules)
+        for k, v in items:
+            _dict_set(st, o, k, v)
+        return off
+    # Many distinct keys: the arrays are built here and written in one go. They are new in
+    # this operation (nothing logs them), where inserting one by one would log four header and
+    # index words an entry: a dict of 10**5 items stored in one operation would outgrow any log.
+    core = st.core
+    table = _table_for(len(items))
+    mask = table - 1
+    ecap = table * 2 // 3
+    ent = core.jmalloc(ecap * ENTRY * 8)
+    idx = core.jmalloc(table * 8)
+    index = [0] * table
+    flat: list[int] = []
+    for n, ((_, v), (h, kc, kb)) in enumerate(zip(items, parts, strict=True)):
+        if kc is None:
+            assert kb is not None
+            kc = core.jmalloc(len(kb))
+            _fill(st, kc, kb)
+        flat += (h, kc, _store(st, v))
+        i = h & mask
+        perturb = h
+        while index[i]:
+            perturb >>= 5
+            i = (i * 5 + perturb + 1) & mask
+        index[i] = n + 1
+    _fill(st, idx, _words(index))
+    _fill(st, ent, _words(flat))
+    s = core._j.set
+    s(o + D_USED, len(items))
+    s(o + D_COUNT, len(items))
+    s(o + D_ENTRIES, ent)
+    s(o + D_ECAP, ecap)
+    s(o + D_INDEX, idx)
+    s(o + D_MASK, mask)
+    s(o + D_VERSION, 1)
     return off
 
 
@@ -709,7 +766,7 @@ def _dict_find(st: _State, o: int, h: int, kc: int | None, kb: bytes | None,
     perturb = h
     free = -1
     mm = core.region.mm
-    for _ in range(mask + 2):
+    for _ in range(mask + _PROBE_EXTRA):
         e = w[idx + i]
         if e == 0:
             return -1, free if free >= 0 else i
@@ -1021,6 +1078,7 @@ class SharedDict(SharedObject, MutableMapping[Any, Any]):
         r = self.__eq__(other)
         return r if r is NotImplemented else not r
 
+    @_recursive_repr("{...}")
     def __repr__(self) -> str:
         try:
             return repr(self.copy())
@@ -1333,6 +1391,7 @@ class SharedList(SharedObject, MutableSequence[Any]):
     def count(self, v: Any) -> int:
         return self.copy().count(v)
 
+    @_recursive_repr("[...]")
     def __repr__(self) -> str:
         try:
             return repr(self.copy())
@@ -1434,6 +1493,8 @@ class SharedList(SharedObject, MutableSequence[Any]):
         self._op(_list_assign, lambda vals: vals.reverse())
 
     def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
+        """Sort in place, like ``list.sort`` (the values are loaded, sorted, and stored back
+        in one operation). O(n log n)."""
         self._op(_list_assign, lambda vals: vals.sort(key=key, reverse=reverse))
 
     def clear(self) -> None:
@@ -1587,14 +1648,21 @@ class SharedQueue(SharedObject):
     _kind = QUEUE
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Append ``item`` (stored like a dict value). On a full bounded queue: wait (at most
+        ``timeout`` seconds; None: as long as it takes) or, with ``block=False``, raise
+        :class:`queue.Full` at once."""
         if self._op(_queue_put, item):
             return
         _wait(lambda: self._op(_queue_put, item), block, timeout, _queue.Full)
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, block=False)``."""
         self.put(item, False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest item. On an empty queue: wait (at most ``timeout``
+        seconds; None: as long as it takes) or, with ``block=False``, raise :class:`queue.Empty`
+        at once. Each item goes to exactly one caller, in any process."""
         r = self._op(_queue_get)
         if r is not _MISSING:
             return r
@@ -1602,16 +1670,20 @@ class SharedQueue(SharedObject):
                      timeout, _queue.Empty)
 
     def get_nowait(self) -> Any:
+        """``get(block=False)``."""
         return self.get(False)
 
     def qsize(self) -> int:
+        """Items in the queue now (others may change it at once)."""
         st = self._st
         return int(_read(st, _queue_len, st, self))
 
     def empty(self) -> bool:
+        """Whether the queue is empty now."""
         return self.qsize() == 0
 
     def full(self) -> bool:
+        """Whether a bounded queue is full now (never for an unbounded one)."""
         st = self._st
         m = _read(st, lambda: st.core._w[self._o() + Q_MAXSIZE])
         return bool(m) and self.qsize() >= m
@@ -1677,7 +1749,7 @@ def _counter_add(c: SharedCounter, n: int) -> int:
     core = c._st.core
     k = c._o() + C_VALUE
     v = _from_i64(core._w[k]) + n
-    core._w[k] = _to_i64(v)  # one aligned word: atomic by itself
+    _counter_store(core, k, _to_i64(v))
     return v
 
 
@@ -1686,8 +1758,17 @@ def _counter_cas(c: SharedCounter, expected: int, new: int) -> bool:
     k = c._o() + C_VALUE
     if _from_i64(core._w[k]) != expected:
         return False
-    core._w[k] = _to_i64(new)  # one aligned word: atomic by itself
+    _counter_store(core, k, _to_i64(new))
     return True
+
+
+def _counter_store(core: Core, k: int, u: int) -> None:
+    """Store a counter's word: one aligned store, atomic by itself, unless a bracket is open
+    (``heap.atomic()``, ``heap.transaction()``): then journaled, so that its undo puts it back."""
+    if core._j.mode >= _ATOMIC:
+        core._j.set(k, u)
+    else:
+        core._w[k] = u  # unlogged: one aligned word outside a bracket, atomic by itself
 
 
 class SharedCounter(SharedObject):
@@ -1705,11 +1786,14 @@ class SharedCounter(SharedObject):
     _kind = COUNTER
 
     def add(self, n: int = 1) -> int:
+        """Add ``n`` (may be negative) atomically; return the new value. OverflowError past
+        the signed 64-bit range (the value is left unchanged)."""
         n = _index(n)
         return int(self._st.core.run(_counter_add, self, n))
 
     @property
     def value(self) -> int:
+        """The value now (one aligned word: read without the lock where reads may skip it)."""
         core = self._st.core
         if LOCK_FREE_READS:
             try:
@@ -1875,6 +1959,18 @@ def _array_of(st: _State, v: Any) -> int:
 # The heap's constructors, the root, gc, check
 # ---------------------------------------------------------------------------------------------
 
+def _doc_like(cls: type, builtin: type) -> None:
+    """Methods that behave as the built-in's and say nothing more take its docstring."""
+    for name, f in list(vars(cls).items()):
+        if not name.startswith("_") and callable(f) and not f.__doc__:
+            doc = getattr(getattr(builtin, name, None), "__doc__", None)
+            if doc:
+                f.__doc__ = f"As ``{builtin.__name__}.{name}``: {doc.strip()}"
+
+
+_doc_like(SharedDict, dict)
+_doc_like(SharedList, list)
+
 _CLASSES: dict[int, type[SharedObject]] = {DICT: SharedDict, LIST: SharedList,
                                            QUEUE: SharedQueue, COUNTER: SharedCounter}
 
@@ -1999,6 +2095,22 @@ def gc(heap: Heap, dry_run: bool = False) -> dict[str, int]:
         live, objs = _mark(st)
         unreachable = [off for off in objs if off not in live]
         if not dry_run:
+            # First the garbage lets go of the garbage (a cell naming another unreachable
+            # object becomes None), so that freeing it follows only references into what
+            # lives: the order of freeing then cannot matter, cycles included.
+            garbage = set(unreachable)
+            for off in unreachable:
+                cells = _cell_words(st, off)
+                k, step = 0, REAP_STEP
+                while k < len(cells):
+                    try:
+                        core._bracket(_let_go, st, cells[k:k + step], garbage)
+                    except JournalFullError:
+                        if step == 1:
+                            raise
+                        step = max(1, step // 2)
+                        continue
+                    k += step
             for off in unreachable:
                 core._bracket(_bury_unreachable, st, off)
             reap(st)
@@ -2010,6 +2122,44 @@ def gc(heap: Heap, dry_run: bool = False) -> dict[str, int]:
     return core.run(lambda: core._seq_call(run, ()))  # type: ignore[no-any-return]
 
 
+def _cell_words(st: _State, off: int) -> list[int]:
+    """Word indexes of the value cells an object holds (dict values, list and queue items; a
+    dict key never holds a ref: shared objects are unhashable)."""
+    w = st.core._w
+    o = off >> 3
+    kind = _kind_at(w, o)
+    if kind == DICT:
+        ent = w[o + D_ENTRIES] >> 3
+        return [ent + ENTRY * e + 2 for e in range(min(w[o + D_USED], w[o + D_ECAP]))
+                if w[ent + ENTRY * e + 1]]
+    if kind == LIST:
+        items = w[o + L_ITEMS] >> 3
+        return list(range(items, items + min(w[o + L_LEN], w[o + L_CAP])))
+    if kind == QUEUE:
+        n, head, cap = w[o + Q_LEN], w[o + Q_HEAD], max(w[o + Q_CAP], 1)
+        items = w[o + Q_ITEMS] >> 3
+        return [items + (head + i) % cap for i in range(min(n, cap))]
+    return []
+
+
+def _let_go(st: _State, words: list[int], garbage: set[int]) -> None:
+    """A step of gc(): each cell at ``words`` that names an object in ``garbage`` (itself or
+    inside its blob) becomes None; references it held to live objects are dropped."""
+    core = st.core
+    w = core._w
+    for i in words:
+        c = w[i]
+        refs = _refs_in(st, c)
+        if not any(r in garbage for r in refs):
+            continue
+        for r in refs:
+            if r not in garbage:
+                _decref(st, r)
+        if not c & 7:
+            core.jfree(c)  # the blob
+        core._j.set(i, codec.NONE_CELL)
+
+
 def _bury_unreachable(st: _State, off: int) -> None:
     core = st.core
     o = off >> 3
@@ -2018,17 +2168,34 @@ def _bury_unreachable(st: _State, off: int) -> None:
     _bury(st, off)
 
 
-def _objects_in_heap(st: _State) -> list[int]:
-    """Offsets of every allocation that holds an object header (alive: serial not 0)."""
+def _objects_in_heap(st: _State, everything: bool = False) -> list[int]:
+    """Offsets of the objects on the heap's list of all objects that are alive (serial not 0;
+    ``everything``: those in the graveyard too), the list checked as it is walked: every entry
+    a live allocation holding an object header, linked both ways, no cycle. O(objects)."""
     core = st.core
     w = core._w
     out = []
-    for b in core.walk(slots=True):
-        if b.free or b.kind == "run" or b.size < HEADER_WORDS * 8:
-            continue
-        o = b.offset >> 3
-        if _kind_at(w, o) and w[o + O_SERIAL]:
-            out.append(b.offset)
+    off, prev = w[F.H_OBJ_ALL], 0
+    limit = (w[F.H_BRK] - F.BLOCKS_OFF) // 8  # more entries than words: a cycle
+    n = 0
+    while off:
+        n += 1
+        where = f"{F.at('obj_all')} list, entry {n - 1}"
+        try:
+            size = core.live_size(off)
+        except InvalidPointerError as e:
+            raise CorruptHeapError(f"{where}: {off} is not a live allocation ({e})") from None
+        o = off >> 3
+        if size < HEADER_WORDS * 8 or not _kind_at(w, o):
+            raise CorruptHeapError(f"{where}: offset {off} holds no object header")
+        if w[o + O_ALL_PREV] != prev:
+            raise CorruptHeapError(f"{where}: offset {off} links back to {w[o + O_ALL_PREV]}, "
+                                   f"not {prev}")
+        if everything or w[o + O_SERIAL]:
+            out.append(off)
+        if n > limit:
+            raise CorruptHeapError(f"{where}: the list does not end (a cycle)")
+        off, prev = w[o + O_ALL_NEXT], off
     return out
 
 
@@ -2079,6 +2246,18 @@ def _refs_in(st: _State, c: int) -> list[int]:
     return codec.blob_refs(core.region.b[c:c + n])
 
 
+def _kept_here(st: _State, off: int) -> bool:
+    """Whether this process still holds the floating object at ``off``: a live handle, a live
+    array view, or a buffer (a memoryview cannot be watched: kept until the process ends). A
+    finalizer cut short by an interrupt never buries its object: its dead referent says so."""
+    if off in st.handles:
+        return True
+    fin = st.floating.get(off, _MISSING)
+    if fin is _MISSING:
+        return False
+    return fin is None or fin.peek() is not None
+
+
 def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
     """(objects reachable -> references found to each, every object in the heap)."""
     core = st.core
@@ -2089,8 +2268,7 @@ def _mark(st: _State) -> tuple[dict[int, int], list[int]]:
         roots.append(w[F.H_OBJECTS])
     for off in objs:
         o = off >> 3
-        if w[o + O_REFS] == 0 and (w[o + O_FLOAT] == st.pid and (off in st.handles or
-                                                                  off in st.floating) or
+        if w[o + O_REFS] == 0 and (w[o + O_FLOAT] == st.pid and _kept_here(st, off) or
                                     w[o + O_FLOAT] != st.pid and _pid_alive(w[o + O_FLOAT])):
             roots.append(off)
     for off, h in list(st.handles.items()):
@@ -2130,16 +2308,26 @@ def check(core: Core) -> CheckReport | None:
     CorruptHeapError for damage. O(objects + cells)."""
     st = core.objects
     w = core._w
-    if not w[F.H_OBJECTS] and not w[F.H_OBJ_GRAVE] and st is None:
-        found_any = any(_kind_at(w, b.offset >> 3) for b in core.walk(slots=True)
-                        if not b.free and b.kind != "run" and b.size >= HEADER_WORDS * 8)
-        if not found_any:
-            return None
+    if not w[F.H_OBJ_ALL] and not w[F.H_OBJECTS] and not w[F.H_OBJ_GRAVE]:
+        return None
     if st is None:
         st = _state(None, core)
     live, objs = _mark(st)
+    listed = set(objs)
+    # References held by objects that are not reachable (garbage gc() has not freed yet, and
+    # the graveyard's objects, whose cells are dropped a step at a time) count too.
+    held = dict.fromkeys(live, 0)
+    for off in _objects_in_heap(st, everything=True):
+        if off not in live:
+            for c in _children(st, off):
+                for r in _refs_in(st, c):
+                    if r in held:
+                        held[r] += 1
     for off in live:
-        _check_object(st, off, live[off])
+        _check_object(st, off, live[off] + held[off])
+        if off not in listed:
+            raise CorruptHeapError(f"offset {off}: a reachable {KINDS[_kind_at(w, off >> 3)]} "
+                                   f"is not on the {F.at('obj_all')} list of all objects")
     unreachable = [off for off in objs if off not in live]
     if unreachable:
         return CheckReport(objects=len(objs), unreachable=len(unreachable),

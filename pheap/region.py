@@ -154,6 +154,9 @@ class Region:
         if new_size == self.size:
             return
         new = self._map(new_size)
+        if self.fd < 0:  # a new anonymous mapping is all zeros: the bytes move with it
+            n = min(new_size, self.size)
+            new[0][:n] = self.mm[:n]
         old = self.mm
         self.mm, self.b, self.w, self.size = new
         self._old.append(old)

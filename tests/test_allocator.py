@@ -1743,3 +1743,17 @@ def test_exempt_allocator_methods_call_no_journaled_ones():
         assert f is not None, name
         bad = calls(f) & journaled - {"_bracket", "_locked"}
         assert not bad, f"exempt {name}() calls journaling methods {sorted(bad)}"
+
+
+def test_trim_counts_only_what_it_really_gives_back(tmp_path):
+    """trim() returns the bytes that had blocks behind them: a second trim() returns 0."""
+    with pheap.open(str(tmp_path / "t.heap"), "n") as h:
+        big = h.malloc(8 << 20)
+        guard = h.malloc(1000)
+        h.write(big, b"x" * (4 << 20))
+        h.free(big)
+        first = h.trim()
+        assert first >= 0
+        assert h.trim() == 0
+        h.check()
+        h.free(guard)

@@ -174,7 +174,10 @@ def test_help_prints_the_table(capsys):
 SCENARIOS = ["sound", "missing", "directory", "fifo", "not-a-heap", "version", "truncated",
              "busy", "pending", "bad-journal", "bins", "tags", "bad-argument"]
 COMMAND_ARGS = {"info": ["info"], "stats": ["stats"], "check": ["check"], "walk": ["walk"],
-                "map": ["map"], "repair": ["repair"], "dry-run": ["repair", "--dry-run"]}
+                "map": ["map"], "dump": ["dump"], "repair": ["repair"],
+                "dry-run": ["repair", "--dry-run"], "gc": ["gc"], "gc-dry-run": ["gc", "--dry-run"]}
+#: commands that wait for the lock (--timeout, default 10 s) rather than not at all
+WAITING = ("info", "stats", "check", "walk", "map", "dump", "gc", "gc-dry-run")
 ALL = dict.fromkeys(COMMAND_ARGS)
 
 
@@ -192,10 +195,10 @@ EXPECTED = {
     "version": expect(others=3),
     "truncated": expect(others=1, repair=4, dry_run=4),
     "busy": expect(others=6),
-    "pending": expect(others=5, repair=0),
+    "pending": expect(others=5, repair=0, gc=0),  # gc opens read-write: undoes it, like any writer
     "bad-journal": expect(others=1, repair=0),
     "bins": expect(others=0, check=1, dry_run=1),  # only check looks at the bins
-    "tags": expect(info=0, others=1, repair=4, dry_run=4),
+    "tags": expect(info=0, dump=0, others=1, repair=4, dry_run=4),  # dump: no objects to read
     "bad-argument": expect(others=2),
 }
 
@@ -242,7 +245,7 @@ def test_every_command_exits_as_the_table_says(scenario_file, command, capsys, r
     argv = COMMAND_ARGS[command] + [path]
     if scenario == "bad-argument":
         argv = COMMAND_ARGS[command] + ["--no-such-option", path]
-    elif scenario == "busy" and command in ("info", "stats", "check", "walk", "map"):
+    elif scenario == "busy" and command in WAITING:
         argv = COMMAND_ARGS[command] + ["--timeout", "0.3", path]
     t0 = time.monotonic()
     code, out, err = run(capsys, *argv)
@@ -435,7 +438,7 @@ def test_bad_arguments_are_one_line(capsys, tmp_path, argv, words):
 
 def test_default_timeouts():
     p = cli.build_parser()
-    for cmd in ("info", "stats", "check", "walk", "map"):
+    for cmd in ("info", "stats", "check", "walk", "map", "dump", "gc"):
         assert p.parse_args([cmd, "f"]).timeout == 10.0
     assert p.parse_args(["repair", "f"]).timeout == 0.0  # repair waits only when asked
 
@@ -444,10 +447,10 @@ def test_default_timeouts():
 # User mistakes: one line naming the path, exit 3, no traceback
 # ---------------------------------------------------------------------------------------------
 
-INSPECT = ["info", "stats", "check", "walk", "map"]
+INSPECT = ["info", "stats", "check", "walk", "map", "dump"]
 
 
-@pytest.mark.parametrize("command", INSPECT + ["repair"])
+@pytest.mark.parametrize("command", INSPECT + ["repair", "gc"])
 @pytest.mark.parametrize("content", [b"", b"hello world\n" * 500, b"\x93PHEAP\r\n" + bytes(5000)])
 def test_not_a_heap(tmp_path, capsys, command, content):
     path = str(tmp_path / "foreign.bin")
@@ -459,7 +462,7 @@ def test_not_a_heap(tmp_path, capsys, command, content):
     assert file_bytes(path) == content
 
 
-@pytest.mark.parametrize("command", INSPECT + ["repair"])
+@pytest.mark.parametrize("command", INSPECT + ["repair", "gc"])
 def test_wrong_version(heap_file, capsys, command):
     path, _ = heap_file
     poke(path, F.H_VERSION * 8, 9)
@@ -470,7 +473,7 @@ def test_wrong_version(heap_file, capsys, command):
 
 
 @pytest.mark.parametrize("argv", [[c] for c in INSPECT] + [["info", "--snapshot"],
-                                                           ["repair"]])
+                                                           ["repair"], ["gc"]])
 def test_directory_and_fifo(tmp_path, capsys, argv):
     d = str(tmp_path / "adir")
     os.mkdir(d)
@@ -963,21 +966,538 @@ def test_a_damaged_journal_is_discarded_by_repair(heap_file, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# dump: the object tree
+# ---------------------------------------------------------------------------------------------
+
+# Dicts here hold at most four keys: while pheap.objects' probe of a dict's first index table
+# (8 slots) can end before it finds an empty slot (a CorruptHeapError on the 5th or 6th insert,
+# about once in a hundred heaps), fewer keys keep these tests from meeting it.
+
+BLOB = b"\x00\x01" * 100  #: 200 bytes whose repr takes 800 characters
+
+
+def make_objects(path: str) -> dict:
+    """A heap of shared objects: nested dicts and lists, a queue holding a tuple, a counter, a
+    long str and bytes, pickles (one inside a tuple), an int key and a str key that read the
+    same, a key with / and %, a second path to one dict, a list that holds itself. Returns
+    {name: offset} of the shared objects."""
+    from fractions import Fraction
+
+    with pheap.open(path, "n", size=MIB, allow_pickle=True) as h:
+        root = h.root
+        root["users"] = {"bob": {"tags": ["admin", "ops"], "age": 42},
+                         "amy": {"tags": [], "a/b%": 1, 5: "int five", "5": "str five"}}
+        jobs = h.queue()
+        jobs.put("first")
+        jobs.put((1, "two"))
+        root["jobs"] = jobs
+        root["stats"] = {"hits": h.counter(7), "note": "x" * 500, "blob": BLOB,
+                         "pickles": {"frac": Fraction(1, 3), "pair": (1, Fraction(2, 3))}}
+        loop = h.list([1])
+        loop.append(loop)  # a list that holds itself
+        root["links"] = {"same": root["users"], "cycle": loop}  # a second path to users
+        users, stats, links = root["users"], root["stats"], root["links"]
+        return {"root": root.offset, "users": users.offset, "bob": users["bob"].offset,
+                "tags": users["bob"]["tags"].offset, "amy": users["amy"].offset,
+                "amytags": users["amy"]["tags"].offset, "jobs": root["jobs"].offset,
+                "stats": stats.offset, "hits": stats["hits"].offset,
+                "pickles": stats["pickles"].offset, "links": links.offset,
+                "cycle": links["cycle"].offset}
+
+
+@pytest.fixture
+def objects_file(tmp_path):
+    path = str(tmp_path / "objects.heap")
+    return path, make_objects(path)
+
+
+def pickle_bytes(key: str) -> int:
+    """Bytes of the pickle stored under root/stats/KEY."""
+    import pickle
+    from fractions import Fraction
+
+    return len(pickle.dumps(Fraction(1, 3) if key == "frac" else Fraction(2, 3), protocol=5))
+
+
+def test_dump_prints_the_tree(objects_file, capsys, monkeypatch):
+    import pickle
+
+    path, o = objects_file
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    code, out, err = run(capsys, "dump", path)
+    assert code == 0, err
+    n = pickle_bytes("frac")
+    assert out.splitlines() == [
+        f"root: dict, 4 items, offset {o['root']}",
+        f"  'users': dict, 2 items, offset {o['users']}",
+        f"    'bob': dict, 2 items, offset {o['bob']}",
+        f"      'tags': list, 2 items, offset {o['tags']}",
+        "        0: 'admin'",
+        "        1: 'ops'",
+        "      'age': 42",
+        f"    'amy': dict, 4 items, offset {o['amy']}",
+        f"      'tags': list, 0 items, offset {o['amytags']}",
+        "      'a/b%': 1",
+        "      5: 'int five'",
+        "      '5': 'str five'",
+        f"  'jobs': queue, 2 items, offset {o['jobs']}",
+        "    0: 'first'",
+        "    1: (1, 'two')",
+        f"  'stats': dict, 4 items, offset {o['stats']}",
+        f"    'hits': counter 7, offset {o['hits']}",
+        f"    'note': {'x' * 60!r}... (500 chars)",
+        f"    'blob': {BLOB[:11]!r}... (200 bytes)",  # as many bytes as fit 60 characters
+        f"    'pickles': dict, 2 items, offset {o['pickles']}",
+        f"      'frac': <pickle, {n} bytes>",
+        f"      'pair': (1, <pickle, {pickle_bytes('pair')} bytes>)",
+        f"  'links': dict, 2 items, offset {o['links']}",
+        "    'same': <same dict as root/users>",
+        f"    'cycle': list, 2 items, offset {o['cycle']}",
+        "      0: 1",
+        "      1: <same list as root/links/cycle>",
+    ]
+    assert err == (f"pheap: {path}: 2 values cut short (--full shows them whole); 2 pickles not "
+                   "loaded (--allow-pickle loads them: only for files you trust, unpickling runs "
+                   "code)\n")
+
+
+def test_dump_full_and_allow_pickle(objects_file, capsys):
+    path, _ = objects_file
+    code, out, err = run(capsys, "dump", "--full", "--allow-pickle", path, "root/stats")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[2] == f"  'note': {'x' * 500!r}"
+    assert lines[3] == f"  'blob': {BLOB!r}"
+    assert lines[5] == f"    'frac': Fraction(1, 3) (unpickled, {pickle_bytes('frac')} bytes)"
+    assert lines[6] == "    'pair': (1, Fraction(2, 3))"
+
+
+def test_dump_a_pickle_that_does_not_load_here(tmp_path, capsys):
+    import types
+
+    mod = types.ModuleType("pheap_test_gone")
+    exec("class Gone:\n    pass\n", mod.__dict__)
+    sys.modules["pheap_test_gone"] = mod
+    path = str(tmp_path / "gone.heap")
+    try:
+        with pheap.open(path, "n", size=MIB, allow_pickle=True) as h:
+            h.root["gone"] = mod.Gone()
+    finally:
+        del sys.modules["pheap_test_gone"]
+    code, out, err = run(capsys, "dump", "--allow-pickle", path, "gone")
+    assert code == 0 and err == ""
+    assert re.fullmatch(r"root/gone: <pickle, \d+ bytes: does not load here: "
+                        r"ModuleNotFoundError: No module named 'pheap_test_gone'>\n", out), out
+
+
+@pytest.mark.parametrize("given, want", [
+    ("root/users/bob/tags/0", "root/users/bob/tags/0: 'admin'"),
+    ("users/bob/tags/-1", "root/users/bob/tags/-1: 'ops'"),  # root/ may be left out
+    ("/root/users/bob/age/", "root/users/bob/age: 42"),
+    ("root/users/amy/a%2Fb%25", "root/users/amy/a%2Fb%25: 1"),
+    ("root/users/amy/5", "root/users/amy/5: 'str five'"),  # the str key, when both read '5'
+    ("root/jobs/1/1", "root/jobs/1/1: 'two'"),  # into a tuple in a queue
+    ("root/stats/hits", "root/stats/hits: counter 7, offset {hits}"),
+    ("root/links/same/bob/tags/1", "root/links/same/bob/tags/1: 'ops'"),
+    ("links/cycle/1/1/0", "root/links/cycle/1/1/0: 1"),  # round the cycle
+])
+def test_dump_path_selects_a_subtree(objects_file, capsys, given, want):
+    path, o = objects_file
+    code, out, err = run(capsys, "dump", path, given)
+    assert code == 0, err
+    assert out == want.format(**o) + "\n"
+
+
+def test_dump_path_after_options(objects_file, capsys):
+    path, _ = objects_file
+    code, out, _ = run(capsys, "dump", path, "--depth", "0", "users/bob")
+    assert code == 0 and out.startswith("root/users/bob: dict, 2 items")
+    assert run(capsys, "dump", path, "users", "bob")[0] == 2  # one PATH only
+
+
+@pytest.mark.parametrize("given, words", [
+    ("root/users/carol", "root/users/carol: no such key in the dict at root/users (2 keys: "
+                         "'bob', 'amy')"),
+    ("root/users/bob/tags/2", "root/users/bob/tags/2: index 2 out of range: the list at "
+                              "root/users/bob/tags has 2 items"),
+    ("root/users/bob/tags/first", "the list at root/users/bob/tags takes an index, not 'first'"),
+    ("root/users/bob/age/x", "root/users/bob/age is a int, not a container"),
+    ("root/stats/hits/0", "root/stats/hits is a counter: a PATH goes into dicts, lists, queues"),
+    ("root/stats/pickles/frac/0", "root/stats/pickles/frac is a pickle, not a container"),
+    ("root/users/amy/tags/0", "index 0 out of range: the list at root/users/amy/tags has 0 items"),
+])
+def test_dump_a_path_that_names_nothing_exits_2(objects_file, capsys, given, words):
+    path, _ = objects_file
+    code, out, err = run(capsys, "dump", path, given)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and words in err, err
+    assert err.endswith("(`pheap dump FILE` shows the tree)\n")
+
+
+def test_dump_depth(objects_file, capsys):
+    path, o = objects_file
+    code, out, _ = run(capsys, "dump", "--depth", "1", path)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 5
+    assert lines[1] == f"  'users': dict, 2 items, offset {o['users']} (not shown: below --depth 1)"
+    code, out, _ = run(capsys, "dump", "--depth", "1", path, "links")
+    assert out.splitlines()[1] == f"  'same': dict, 2 items, offset {o['users']} (not shown: " \
+        "below --depth 1)"  # not shown before, so not 'the same as' anything
+    code, out, _ = run(capsys, "dump", "--depth", "2", path)
+    lines = out.splitlines()
+    assert f"    'bob': dict, 2 items, offset {o['bob']} (not shown: below --depth 2)" in lines
+    assert "    'same': <same dict as root/users>" in lines
+    assert f"    'cycle': list, 2 items, offset {o['cycle']} (not shown: below --depth 2)" in lines
+    code, out, _ = run(capsys, "dump", "--depth", "0", path)
+    assert out == f"root: dict, 4 items, offset {o['root']} (not shown: below --depth 0)\n"
+
+
+def test_dump_json(objects_file, capsys):
+    path, o = objects_file
+    code, out, err = run(capsys, "dump", "--json", path)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["file"] == path and doc["path"] == "root"
+    v = doc["value"]
+    assert list(v) == ["users", "jobs", "stats", "links"]
+    assert v["users"]["bob"] == {"tags": ["admin", "ops"], "age": 42}
+    assert v["users"]["amy"] == {"tags": [], "a/b%": 1, "5": "int five", "<str '5'>": "str five"}
+    assert v["jobs"] == ["first", [1, "two"]]
+    stats = v["stats"]
+    assert stats["hits"] == 7
+    assert stats["note"] == f"<str, 500 chars: {'x' * 60!r}...>"
+    assert stats["blob"].startswith("<bytes b'\\x00\\x01") and stats["blob"].endswith(
+        "... (200 bytes)>")
+    assert stats["pickles"] == {"frac": f"<pickle, {pickle_bytes('frac')} bytes>",
+                                "pair": [1, f"<pickle, {pickle_bytes('pair')} bytes>"]}
+    assert v["links"] == {"same": "<same dict as root/users>",
+                          "cycle": [1, "<same list as root/links/cycle>"]}
+    code, out, _ = run(capsys, "dump", "--json", "--full", "--allow-pickle", path, "stats")
+    doc = json.loads(out)
+    assert doc["path"] == "root/stats"
+    assert doc["value"]["note"] == "x" * 500
+    assert doc["value"]["pickles"]["frac"] == "<Fraction(1, 3)>"
+    code, out, _ = run(capsys, "dump", "--json", "--depth", "1", path)
+    v = json.loads(out)["value"]
+    assert v["users"] == f"<dict, 2 items, offset {o['users']} (not shown: below --depth 1)>"
+    code, out, _ = run(capsys, "dump", "--json", path, "users/bob/age")
+    assert json.loads(out) == {"file": path, "path": "root/users/bob/age", "value": 42}
+
+
+def test_dump_values_json_cannot_hold(tmp_path, capsys):
+    path = str(tmp_path / "odd.heap")
+    with pheap.open(path, "n", size=MIB) as h:
+        h.root["odd"] = [float("nan"), float("inf"), 1 + 2j, frozenset({1}), b"hi", 10 ** 5000,
+                         (None, True, 1.5)]
+    code, out, _ = run(capsys, "dump", "--json", path, "odd")
+    assert code == 0
+    assert json.loads(out)["value"] == ["<float nan>", "<float inf>", "<complex (1+2j)>",
+                                        "<frozenset({1})>", "<bytes b'hi'>",
+                                        "<int of 16610 bits>", [None, True, 1.5]]
+    code, out, _ = run(capsys, "dump", path, "odd/5")
+    assert out == "root/odd/5: <int of 16610 bits: --full prints every digit>\n"
+    code, out, _ = run(capsys, "dump", "--full", path, "odd/5")
+    assert out == "root/odd/5: 1" + "0" * 5000 + "\n"  # every digit
+    code, out, _ = run(capsys, "dump", "--json", "--full", path, "odd/5")
+    assert '"value": 1' + "0" * 5000 + "\n}" in out
+
+
+def test_dump_arrays_and_buffers(tmp_path, capsys):
+    np = pytest.importorskip("numpy")
+    path = str(tmp_path / "arrays.heap")
+    with pheap.open(path, "n", size=MIB) as h:
+        a = h.ndarray((3, 4), "float32")
+        a[:] = np.arange(12).reshape(3, 4)
+        h.root["a"] = a
+        b = h.buffer(40)
+        b[:4] = b"abcd"
+        h.root["b"] = b
+        h.root["again"] = h.root["a"]
+        h.root["v"] = h.ndarray(3, "int64")
+    code, out, _ = run(capsys, "dump", path)
+    lines = out.splitlines()
+    assert re.fullmatch(r"  'a': array float32 \(3, 4\), offset \d+: \[0\.0, 1\.0, 2\.0, 3\.0, "
+                        r"4\.0, 5\.0, 6\.0, 7\.0, \.\.\.\]", lines[1]), lines[1]
+    assert re.fullmatch(r"  'b': buffer, 40 bytes, offset \d+: b'abcd(\\x00){12}'\.\.\.",
+                        lines[2]), lines[2]
+    assert lines[3] == "  'again': <same array as root/a>"
+    assert re.fullmatch(r"  'v': array int64 \(3,\), offset \d+: \[0, 0, 0\]", lines[4])
+    code, out, _ = run(capsys, "dump", "--json", path)
+    v = json.loads(out)["value"]
+    assert v["a"].startswith("<array float32 (3, 4), offset ") and v["again"].startswith("<same")
+
+
+def test_dump_a_heap_without_objects(heap_file, capsys):
+    path, _ = heap_file  # raw blocks only: no root dict
+    code, out, err = run(capsys, "dump", path)
+    assert code == 0 and err == ""
+    assert out == f"{path}: no objects (the heap has no root dict)\n"
+    code, out, _ = run(capsys, "dump", "--json", path)
+    assert json.loads(out) == {"file": path, "path": "root", "value": {}}
+    code, out, err = run(capsys, "dump", path, "users")
+    assert code == 2 and "root/users: the heap has no objects" in err
+
+
+def test_dump_of_damaged_objects_exits_1(objects_file, capsys):
+    path, o = objects_file
+    poke(path, o["bob"], 0)  # bob's kind word: no longer an object
+    code, out, err = run(capsys, "dump", path)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and f"{path}: DAMAGED: offset {o['bob']}: a ref names " \
+        "something that is not a live shared object" in err
+    assert run(capsys, "dump", path, "stats")[0] == 0  # what the damage does not touch
+
+
+@pytest.mark.timeout(60)
+def test_dump_and_gc_time_out_naming_the_holder(objects_file, capsys):
+    path, _ = objects_file
+    with lock_held(path) as pid:
+        for argv in (["dump"], ["dump", "--json"], ["gc"], ["gc", "--dry-run"]):
+            t0 = time.monotonic()
+            code, out, err = run(capsys, *argv, "--timeout", "0.8", path)
+            took = time.monotonic() - t0
+            assert code == 6 and out == "", (argv, err)
+            assert 0.7 < took < 0.8 + 2, (argv, took)
+            assert f"waiting up to 0.8 s for the heap lock (pid {pid} holds it)" in err
+            assert err.splitlines()[-1].startswith(f"pheap: {path}: busy: ")
+            assert f"pid {pid} holds it" in err.splitlines()[-1]
+            hint = f"`pheap dump --snapshot {path}`" if argv[0] == "dump" else \
+                "--timeout SECONDS waits for it"
+            assert hint in err
+        code, out, err = run(capsys, "dump", "--snapshot", path, "users/bob/tags/0")
+        assert code == 0 and out == "root/users/bob/tags/0: 'admin'\n" and "snapshot" in err
+
+
+@pytest.mark.timeout(120)
+def test_dump_into_a_closed_pipe_ends_quietly(tmp_path):
+    path = str(tmp_path / "long.heap")
+    with pheap.open(path, "n", size=4 * MIB) as h:
+        h.root["many"] = list(range(30000))  # 30000 lines: far more than a pipe buffer holds
+    for argv in (["dump", path], ["dump", "--json", path]):
+        proc = subprocess.Popen([sys.executable, "-m", "pheap.cli", *argv], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            first = proc.stdout.readline()
+            proc.stdout.close()  # `| head -n 1`
+            err = proc.stderr.read()
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        assert first.startswith(b"root: dict, 1 item") or first == b"{\n"
+        assert code == 141 and err == b"", (argv, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# gc
+# ---------------------------------------------------------------------------------------------
+
+
+def leave_floating_objects(path: str, nested: bool = False) -> None:
+    """A child makes three shared objects and stores none of them, then dies without closing:
+    they float, kept by a process that is gone. ``nested``: the list holds the dict."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            h = pheap.open(path, "w")
+            d, lst, _c = h.dict({"x": "y" * 300}), h.list([1, 2, 3]), h.counter(5)
+            if nested:
+                lst.append(d)
+        finally:
+            os._exit(0)
+    assert reap(pid) == 0
+
+
+def test_gc_frees_what_a_dead_process_left(objects_file, capsys):
+    path, o = objects_file
+    leave_floating_objects(path)
+    with pheap.open(path, "r") as h:
+        assert h.check()["unreachable"] == 3
+    code, out, _ = run(capsys, "check", path)
+    assert code == 0 and out.splitlines()[1] == (
+        f"{path}: 3 of 15 shared objects unreachable, left by processes that died holding "
+        f"them: `pheap gc {path}` frees them")
+    before = file_bytes(path)
+    code, out, err = run(capsys, "gc", "--dry-run", path)
+    assert code == 0 and err == ""
+    assert out == (f"{path}: 15 shared objects, 12 reachable (from the root, or kept by a live "
+                   "process); 3 unreachable, left by processes that died holding them: gc would "
+                   "free them (dry run, nothing changed)\n")
+    assert file_bytes(path) == before
+    code, out, _ = run(capsys, "gc", "--json", "--dry-run", path)
+    assert json.loads(out) == {"objects": 15, "reachable": 12, "unreachable": 3, "freed": 0,
+                               "bytes_freed": 0, "path": path, "dry_run": True}
+    code, out, err = run(capsys, "gc", path)
+    assert code == 0 and err == ""
+    assert re.fullmatch(rf"{re.escape(path)}: 15 shared objects, 12 reachable \(from the root, or "
+                        r"kept by a live process\); freed 3 unreachable, left by processes that "
+                        r"died holding them \(\d+(\.\d)? [KM]?i?B\)\n", out), out
+    with pheap.open(path, "r") as h:
+        assert h.check() is None
+        assert h.root["users"]["bob"]["tags"] == ["admin", "ops"]  # what is reachable stays
+    code, out, _ = run(capsys, "gc", "--json", path)
+    assert json.loads(out)["unreachable"] == 0 and json.loads(out)["freed"] == 0
+    code, out, _ = run(capsys, "gc", path)
+    assert out == (f"{path}: 12 shared objects, 12 reachable (from the root, or kept by a live "
+                   "process); nothing to free\n")
+
+
+@pytest.mark.timeout(60)
+def test_gc_keeps_what_a_live_process_holds(objects_file, capsys):
+    path, _ = objects_file
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            os.close(stop_w)
+            h = pheap.open(path, "w")
+            d = h.dict(a=1)  # floats, kept by this process while it lives
+            os.write(ready_w, b"x")
+            os.read(stop_r, 1)
+            assert d["a"] == 1
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        code, out, _ = run(capsys, "gc", path)
+        assert code == 0 and "13 shared objects, 13 reachable" in out and "nothing to free" in out
+    finally:
+        os.close(stop_w)
+        os.close(ready_r)
+        assert reap(pid) == 0
+    code, out, _ = run(capsys, "gc", path)  # its holder is gone: now it goes
+    assert code == 0 and "freed 1 unreachable" in out
+
+
+def test_gc_frees_unreachable_objects_that_refer_to_each_other(objects_file, capsys):
+    path, _ = objects_file
+    leave_floating_objects(path, nested=True)
+    code, out, err = run(capsys, "gc", path)
+    assert code == 0, err
+    assert "freed 3 unreachable" in out
+    assert run(capsys, "check", path)[0] == 0
+
+
+def test_gc_of_a_heap_without_objects(heap_file, capsys):
+    path, _ = heap_file
+    before = file_bytes(path)
+    code, out, _ = run(capsys, "gc", path)
+    assert code == 0 and out == (f"{path}: 0 shared objects, 0 reachable (from the root, or kept "
+                                 "by a live process); nothing to free\n")
+    assert run(capsys, "check", path)[0] == 0
+    assert len(file_bytes(path)) == len(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_bench_tiny_run_prints_the_table(capsys, monkeypatch):
+    from pheap import _bench
+
+    code, out, err = run(capsys, "bench", "--keys", "200", "--repeats", "1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert re.fullmatch(r"pheap bench: 200 str keys -> 100-char str values, one process; median "
+                        r"of 1 round-robin repeat \(\d+ s\)", lines[0]), lines[0]
+    assert re.fullmatch(rf"Python \d+\.\d+\.\d+ \(\w+\), \d+ CPUs, load average [\d. ]+, "
+                        rf"pheap {re.escape(pheap.__version__)}, .+", lines[1]), lines[1]
+    assert re.fullmatch(r"store +set (µs|us)/op +get (µs|us)/op +del (µs|us)/op +vs pheap",
+                        lines[2]), lines[2]
+    names = [name for name, _, _ in _bench.SYSTEMS]
+    rows = lines[3:3 + len(names)]
+    number = r"\d+\.\d\d"
+    row = re.compile(rf"(.+?) +({number}) +({number}) +({number}) +(\d+\.\d\dx)( \*)?")
+    seen = []
+    for line in rows:
+        m = row.fullmatch(line)
+        if m:
+            seen.append(m.group(1).split(" (")[0])
+        else:
+            assert line.endswith(" not installed") or "could not run: " in line, line
+            seen.append(line.split(" (")[0].split("  ")[0].strip())
+    assert {n.split(" (")[0] for n in names} == {s.split(" (")[0] for s in seen}
+    assert row.fullmatch(rows[0]).group(1) == "pheap h.dict(), file heap"
+    assert row.fullmatch(rows[0]).group(5) == "1.00x"
+    for plain in ("dict", "multiprocessing.Manager().dict()", "shelve", "sqlite3"):
+        assert any(row.fullmatch(r) and r.startswith(plain) for r in rows), plain
+    notes = " ".join(lines)
+    assert "synchronous=NORMAL" in notes and "a commit per set and per delete" in notes
+    assert lines[-1] == "The full benchmarks live in the repository's tools/bench_all.py."
+    # peers that do not import are one 'not installed' line each, and the run goes on
+    monkeypatch.setattr(_bench, "_importable", lambda module: module is None)
+    code, out, _ = run(capsys, "bench", "--keys", "50", "--repeats", "1")
+    assert code == 0
+    for name, module, _ in _bench.SYSTEMS:
+        if module is not None:
+            assert re.search(rf"^{re.escape(name)} +not installed$", out, re.M), name
+
+
+def test_bench_options(capsys):
+    code, out, _ = run(capsys, "bench", "--help")
+    assert code == 0 and "--quick" in out and "--keys" not in out  # the tiny sizes are hidden
+    p = cli.build_parser()
+    assert p.parse_args(["bench", "--quick"]).quick
+    code, _, err = run(capsys, "bench", "--keys", "0")
+    assert code == 2 and "must be at least 1" in err
+
+
+# ---------------------------------------------------------------------------------------------
 # demo, and the module as a program
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
-def test_demo(tmp_path, capsys):
+def test_demo(tmp_path, capfd):
     path = str(tmp_path / "demo.heap")
-    code, out, err = run(capsys, "demo", "--workers", "2", "--records", "300", "--path", path)
+    code = cli.main(["demo", "--workers", "2", "--records", "200", "--path", path])
+    out, err = capfd.readouterr()  # (fd level: the workers are processes of their own)
     assert code == 0, err
-    assert "2 workers wrote 600 records" in out
-    assert run(capsys, "check", path)[0] == 0
-    code, out, _ = run(capsys, "info", "--json", path)
-    assert json.loads(out)["root"] != 0
-    code, _, err = run(capsys, "demo", "--path", path)  # never over an existing file
+    lines = out.splitlines()
+    assert len(lines) <= 20 and lines[-1] == "  ok", out
+    assert lines[0] == f"pheap demo: 2 worker processes share one heap file, {path}"
+    assert "worker 1 SIGKILLed itself inside its transaction for record 100" in out
+    assert "resumed from the heap at record 100" in out
+    assert re.search(r"400 records \(1,200 operations\) by 3 processes in [\d.]+ s: [\d,]+ "
+                     r"records/s, [\d,]+ ops/s", out), out
+    assert "the killed worker's unfinished transaction was undone (1 recovery)" in out
+    assert "verified 400 records" in out and "'done' = 400" in out
+    assert re.search(r"check\(\): clean in [\d.]+ s", out)
+    assert f"the file: {path}, " in out and "MiB" in out
+    assert err == ""
+    with pheap.open(path, "r") as h:  # what the demo says is there, is there
+        assert h.check() is None
+        root = h.root
+        assert len(root["records"]) == 400 and len(root["log"]) == 400
+        assert root["done"].value == 400
+        assert root["records"]["1:150"] == "worker 1 record 150"
+        assert h.info()["recoveries"] == 1
+    assert cli.main(["check", path]) == 0
+    code = cli.main(["demo", "--path", path])  # never over an existing file
+    _, err = capfd.readouterr()
     assert code == 3 and one_line_about(err, path) and "already exists" in err
+
+
+@pytest.mark.timeout(120)
+def test_demo_keeps_the_heap_when_a_record_reads_back_wrong(tmp_path, capfd, monkeypatch):
+    path = str(tmp_path / "demo.heap")
+    from pheap import demo
+
+    monkeypatch.setattr(demo, "_demo_value", lambda w, i: f"worker {w} record {i + (i == 7)}")
+    code = cli.main(["demo", "--workers", "1", "--records", "20", "--path", path])
+    out, err = capfd.readouterr()
+    assert code == 70, out
+    assert "WRONG: 1 of 20 records missing or wrong (first: ['0:7'])" in err
+    assert f"verification FAILED; the heap is kept at {path}" in err
+    assert os.path.exists(path)
 
 
 @pytest.mark.timeout(60)

@@ -888,7 +888,8 @@ def test_keyboard_interrupts_at_random_moments(kind, seed):
                           kind], capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "FAIL" not in res.stdout and "Traceback" not in res.stderr, res.stdout + res.stderr
-    fired = int(res.stdout.split(" KeyboardInterrupts raised")[0].rsplit(" ", 1)[1].replace(",", ""))
+    fired = int(res.stdout.split(" KeyboardInterrupts raised")[0].rsplit(" ", 1)[1]
+                .replace(",", ""))
     assert fired >= 50, res.stdout  # the storm really hit the operations
 
 
@@ -901,7 +902,7 @@ def test_an_interrupted_rollback_is_finished_by_the_next_operation(tmp_path, cut
         real = journal.restore
 
         def cut_short(w, recs, armed=False):
-            for k, (i, old, data) in enumerate(reversed(recs)):
+            for k, (i, old, _data) in enumerate(reversed(recs)):
                 if k == cut:
                     raise KeyboardInterrupt
                 w[i] = old
@@ -925,4 +926,105 @@ def test_an_interrupted_rollback_is_finished_by_the_next_operation(tmp_path, cut
             core(h)._j.set = real_set
             h.free(d["a"])  # finishes the cut undo first, then frees a
             assert h.usable_size(d["c"]) >= 800  # the failed free left c live
+        h.check()
+
+
+# -- bytes freed and reused inside one bracket ------------------------------------------------
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((seed * 31 + i * 7) & 0xFF for i in range(n))
+
+
+@pytest.mark.parametrize("mode", ["atomic", "transaction"])
+@pytest.mark.parametrize("reuse", [200, 24, 600])
+def test_a_block_freed_and_split_in_one_bracket_comes_back_whole(tmp_path, mode, reuse):
+    """A bracket frees a live block, then an allocation splits it (or carves a run from it);
+    the remainder's header and links land inside what the undo makes live again: they must be
+    logged, or the undo returns the block with foreign words in its bytes."""
+    with pheap.open(str(tmp_path / "split.heap"), "n") as h:
+        a, b, c = (h.malloc(1000) for _ in range(3))  # b's neighbours stay used
+        data = _pattern(1000, 5)
+        h.write(b, data)
+        bracket = h.atomic if mode == "atomic" else h.transaction
+        with pytest.raises(RuntimeError):
+            with bracket() as s:
+                s.free(b)
+                for _ in range(3):
+                    s.malloc(reuse)  # from the bin b went to: split, or a run carved from it
+                raise RuntimeError("undo")
+        assert h.read(b, 1000) == data
+        h.check()
+        h.free(b)
+        h.check()
+        del a, c
+
+
+@pytest.mark.parametrize("mode", ["atomic", "transaction"])
+def test_blocks_freed_into_the_wilderness_and_carved_again_come_back_whole(tmp_path, mode):
+    """Frees that lower brk, then allocations carved from the wilderness at other boundaries:
+    the new block headers fall inside the freed blocks' bytes, which the undo makes live."""
+    with pheap.open(str(tmp_path / "wild.heap"), "n") as h:
+        blocks = [h.malloc(n) for n in (3000, 5000, 700)]  # the last blocks before brk
+        datas = [_pattern(n, k) for k, n in enumerate((3000, 5000, 700))]
+        for p, d in zip(blocks, datas, strict=True):
+            h.write(p, d)
+        bracket = h.atomic if mode == "atomic" else h.transaction
+        with pytest.raises(RuntimeError):
+            with bracket() as s:
+                for p in reversed(blocks):
+                    s.free(p)
+                for n in (1234, 777, 2900, 3333):
+                    s.malloc(n)
+                raise RuntimeError("undo")
+        for p, d in zip(blocks, datas, strict=True):
+            assert h.read(p, len(d)) == d
+        h.check()
+
+
+def test_a_run_emptied_and_reused_in_one_bracket_comes_back_whole(tmp_path):
+    """A run whose slots a bracket frees (the run goes back to the bins) and whose block a
+    larger allocation then takes: the slots' bytes must come back with the undo."""
+    with pheap.open(str(tmp_path / "run.heap"), "n") as h:
+        with h.lock():
+            fill = [h.malloc(448) for _ in range(64)]  # several runs of the 448-byte class
+        mine = fill[-8:]
+        for k, p in enumerate(mine):
+            h.write(p, _pattern(448, k))
+        with pytest.raises(RuntimeError):
+            with h.transaction() as s:
+                for p in fill:
+                    s.free(p)  # empties the runs: they go back to the bins
+                for _ in range(8):
+                    s.malloc(3000)  # blocks from the runs' pages
+                raise RuntimeError("undo")
+        for k, p in enumerate(mine):
+            assert h.read(p, 448) == _pattern(448, k)
+        h.check()
+
+
+@pytest.mark.parametrize("align", [0, 64, 4096])
+def test_growth_in_a_bracket_does_not_log_the_old_metadata(tmp_path, align):
+    """A bracket whose allocation grows a large heap: the new block must not cover the metadata
+    the heap had (capacity / 60 bytes, more than a transaction log holds), or every retry
+    overflows the log. The block starts past the old capacity; an undo finds the old metadata
+    intact."""
+    with pheap.open(str(tmp_path / "g.heap"), "n", size=48 << 20) as h:
+        keep = h.malloc(40 << 20)  # most of the heap in use: the next big block grows it
+        h.write(keep, b"k" * 4096)
+        cap = h.capacity
+        with h.transaction() as s:
+            p = s.memalign(align, 30 << 20) if align else s.malloc(30 << 20)
+            s.write(p, b"x" * (1 << 20))  # logged only if it overlapped the old metadata
+        assert h.capacity > cap and h.read(p, 4) == b"xxxx"
+        h.check()
+        cap = h.capacity
+        with pytest.raises(RuntimeError):
+            with h.transaction() as s:
+                q = s.memalign(align, 200 << 20) if align else s.malloc(200 << 20)
+                s.write(q, b"y" * (1 << 20))
+                raise RuntimeError("undo the growth")
+        assert h.capacity == cap and h.read(keep, 4) == b"kkkk"
+        h.check()
+        h.free(p)
         h.check()
