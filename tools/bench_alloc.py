@@ -16,14 +16,15 @@ code is the package ``tools/benchkit`` (``alloc_suites`` holds the sections); th
 command line.
 
 Contenders
-    ``pheap Allocator``  the TLSF allocator of a file heap opened with ``journal=False``, called
-                         directly (through benchkit/internals.py), no lock; page releases it
-                         queues are done right after the operation, as ``Heap`` does. The
-                         algorithm alone.
+    ``pheap Allocator``  the allocator behind a file heap (its core's malloc/realloc/free, through
+                         benchkit/internals.py) called directly inside one ``with heap.lock():``:
+                         the algorithm and its journal, no lock system call per op (a small slot
+                         is one plain word store; any other op one journaled operation; page
+                         releases right after the commit, as always).
     ``pheap Heap``       the public API on a file heap: ``lock/op`` takes the flock lock in every
                          call; ``1 lock`` runs inside one ``with heap.lock():`` (re-entrant calls
-                         do no lock work). Default heaps are journaled (every operation atomic);
-                         ``no journal`` is the same on a heap opened with ``journal=False``.
+                         do no lock work). Every heap is journaled: every operation is atomic
+                         against SIGKILL; there is no unjournaled mode.
     ``mp.heap``          CPython's ``multiprocessing.heap.Heap`` (what ``multiprocessing.Value``
                          and ``Array`` allocate from): per process, never shared; free-block tables
                          in Python dicts and a sorted list, blocks in mmap arenas. ``malloc(n)``
@@ -36,9 +37,10 @@ of the trace: the largest sum, over time, of the requested bytes of the live blo
 marks:
 
 - pheap: ``peak_brk - BLOCKS_OFF``, the block area at its largest (header word ``peak_brk``, read
-  with ``heap.stats()``). The fixed header + control block (``BLOCKS_OFF`` = 16 KiB) and the
-  allocation bitmap (1/64 of the mapping) come on top; the ``whole`` column counts them too
-  (``BLOCKS_OFF`` + block area + the bitmap a mapping of that size needs).
+  with ``heap.stats()``). The fixed header + control block (``BLOCKS_OFF``, about 16 KiB), the
+  page map (1/4096 of the mapping) and the allocation bitmap (1/64) come on top; the ``whole``
+  column counts them too (``BLOCKS_OFF`` + block area + the metadata a mapping of that size
+  needs).
 - first-fit: the largest ``brk`` of its bytearray (the bytearray itself grows by doubling; the
   bytes past ``brk`` are spare capacity, like pheap's wilderness).
 - mp.heap: the total size of its arenas, ``sum(a.size for a in h._arenas)``, sampled after every

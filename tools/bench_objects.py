@@ -23,7 +23,7 @@ rotating each repeat, a fresh store per repeat, the garbage collector off in tim
 ``--budget`` per timed phase ('*' marks a cell it cut); ratio columns against pheap's row (when
 pheap has it, else Manager's or the section's usual choice); a check column (values read back
 and counted: LOST/WRONG rows are flagged, never 'fastest'). A system that cannot run here shows
-as 'not available (why)'; pheap's rows as 'pheap: not available (why)' until pheap has the API
+as 'not available (why)'; pheap's rows as 'pheap: not available (why)' if a probe of its API fails
 (the code is ``tools/benchkit``: ``object_suites`` the sections, ``peers`` the peers,
 ``pheap_objects`` everything pheap-specific). Exit status: 0; 2 if a pheap row failed or was
 flagged.

@@ -1,6 +1,8 @@
 """benchkit: the modules behind pheap's benchmarks (tools/bench_alloc.py, tools/bench_objects.py).
 
 The scripts in tools/ are thin command lines; the tests import these modules.
+tools/bench_all.py runs both and writes docs/benchmarks.md, the one file the docs' figures
+come from.
 
 ========================  ====================================================================
 ``env``                   the environment line, CPU-idle probe, CPU used by others meanwhile
@@ -14,7 +16,7 @@ The scripts in tools/ are thin command lines; the tests import these modules.
 ``stores``                keys/values, the base classes of the object benchmark's systems
 ``procs``                 forked children gathered with a deadline and reaped; shm cleanup
 ``peers``                 the peers pheap's objects are measured against (one adapter each)
-``pheap_objects``         everything pheap-specific in the object benchmark (the planned API)
+``pheap_objects``         everything pheap-specific in the object benchmark (pheap's object API)
 ``object_suites``         the object benchmark's sections a-h
 ========================  ====================================================================
 """

@@ -32,7 +32,6 @@ from .contenders import (
     LOCK_OP,
     MP,
     ONE_LOCK,
-    ONE_LOCK_NJ,
     Contender,
     TempDir,
     mp_arena_bytes,
@@ -85,7 +84,7 @@ FULL = AllocConfig(5, 7, 0.2, (10**3, 10**4, 10**5), 20_000, 7, 15.0,
 # Section 2: trace replay
 # ---------------------------------------------------------------------------------------------
 
-TRACE_CONTENDERS = (ALLOC, ONE_LOCK, ONE_LOCK_NJ, FF, MP)
+TRACE_CONTENDERS = (ALLOC, ONE_LOCK, FF, MP)
 
 
 def _trace_run(who: str, trace: Trace, tmp: TempDir) -> float:
@@ -102,7 +101,8 @@ def _trace_hwm(trace: Trace, tmp: TempDir) -> dict[str, int]:
     """Untimed replays measuring each allocator's high-water mark; checks pheap and first-fit."""
     out: dict[str, int] = {}
     c = Contender(ALLOC, tmp)
-    replay(trace, c.malloc, c.realloc, c.free)
+    with c.held():
+        replay(trace, c.malloc, c.realloc, c.free)
     assert c.heap is not None
     peak_brk = c.heap.stats().peak_brk
     internals = pheap_internals()
@@ -178,8 +178,9 @@ def bench_traces(out: Out, repeats: int, tmp: TempDir, folder: str = TRACE_DIR,
     out.table(["trace", "ops", "peak KiB", "pheap", "pheap whole", FF, MP,
                "pheap/ff", "pheap/mp"], rows)
     out(f"pheap = payload / (peak_brk - BLOCKS_OFF); pheap whole = payload / (BLOCKS_OFF = "
-        f"{pheap_internals().blocks_off} B of header and control block + block area + "
-        f"allocation bitmap).")
+        f"{pheap_internals().blocks_off} B of header and control block + block area + page "
+        f"map + allocation bitmap). Requests up to 448 B are slots of runs (pages of one size "
+        f"class), larger ones blocks.")
     out("first-fit = payload / peak brk. mp.heap = payload / peak total arena size, sampled after "
         "every op of an untimed replay (its Python-side tables are not counted).")
     if big:
@@ -194,8 +195,7 @@ def bench_traces(out: Out, repeats: int, tmp: TempDir, folder: str = TRACE_DIR,
     out()
     out("Throughput, Kops/s (trace ops per second, higher is better); the ratios use "
         f"{ALLOC}.")
-    short = {ALLOC: "pheap Allocator", ONE_LOCK: "Heap 1 lock", ONE_LOCK_NJ: "Heap 1 lock nj",
-             FF: FF, MP: MP}
+    short = {ALLOC: "pheap Allocator", ONE_LOCK: "Heap 1 lock", FF: FF, MP: MP}
     rows = []
     for t in traces:
         k = {who: len(t.ops) / secs[t.name][who] / 1e3 for who in TRACE_CONTENDERS}
@@ -208,7 +208,7 @@ def bench_traces(out: Out, repeats: int, tmp: TempDir, folder: str = TRACE_DIR,
                 + [f"{tot[w]:.0f}" for w in TRACE_CONTENDERS]
                 + [ratio(tot[ALLOC] / tot[FF]), ratio(tot[ALLOC] / tot[MP])])
     out.table(["trace"] + [short[w] for w in TRACE_CONTENDERS] + ["pheap/ff", "pheap/mp"], rows)
-    out(LEGEND + " nj = no journal.")
+    out(LEGEND)
     out("Heap growth (pheap files start at 1 MiB) is inside the timed loop, as arena creation is "
         "for mp.heap and bytearray doubling for first-fit.")
 
@@ -300,9 +300,12 @@ def bench_pairs(out: Out, repeats: int, target_s: float, tmp: TempDir) -> dict[s
     out.table(["contender", "at brk", "spread", "mp/this", "/floor", "from a bin", "spread",
                "mp/this", "/floor"], rows)
     loop = statistics.median(_pairs(_nop, _nop, 200_000, 24) / 200_000 * 1e6 for _ in range(3))
-    out("at brk: an empty heap (pheap and first-fit carve at brk, free lowers brk again); from a "
-        "bin: a free 24 B block lies before a used one. mp/this: multiprocessing.heap's time / "
-        f"this one (> 1: faster than mp.heap); /floor: this time / {FLOOR_US} us, the floor in "
+    out("at brk: an empty heap (first-fit carves at brk and free lowers brk again); from a bin: "
+        "a free 24 B block lies before a used one. For pheap a 24 B request is a slot of a run "
+        "in both columns (the first malloc makes the run, which stays the class's current run; "
+        "under the lock each malloc and free is then one word store). mp/this: "
+        f"multiprocessing.heap's time / this one (> 1: faster than mp.heap); /floor: this "
+        f"time / {FLOOR_US} us, the floor in "
         "DESIGN.md (which has mp.heap at 6.0 us). Spread: (max - min) / median of the repeats. "
         f"Loop overhead is included: {loop:.3f} us for the same loop calling two no-op "
         "functions.")
@@ -388,8 +391,10 @@ class _ScaleCase:
         self.idx = [rng.randrange(live) for _ in range(total)]
         self.sizes = [rng.randint(8, 256) for _ in range(total)]
         self.c = Contender(ALLOC, tmp, size=max(pheap.DEFAULT_SIZE, live * 160))
-        self.slots = [self.c.malloc(n) for n in fill]
-        timed(_churn, self.c.malloc, self.c.free, self.slots, self.idx[:warm], self.sizes[:warm])
+        with self.c.held():
+            self.slots = [self.c.malloc(n) for n in fill]
+            timed(_churn, self.c.malloc, self.c.free, self.slots, self.idx[:warm],
+                  self.sizes[:warm])
         self.fake = list(self.slots)  # for the no-op loop: the harness's own cost
         self.warm, self.steps = warm, steps
         self.xs: list[float] = []
@@ -399,8 +404,9 @@ class _ScaleCase:
         """Repeat ``r``: time the allocator, then the same loop with no-op functions."""
         a, b = self.warm + r * self.steps, self.warm + (r + 1) * self.steps
         idx, sizes = self.idx[a:b], self.sizes[a:b]
-        self.xs.append(timed(_churn, self.c.malloc, self.c.free, self.slots, idx, sizes)
-                       / self.steps * 1e6)
+        with self.c.held():
+            self.xs.append(timed(_churn, self.c.malloc, self.c.free, self.slots, idx, sizes)
+                           / self.steps * 1e6)
         self.hs.append(timed(_churn, _nop, _nop, self.fake, idx, sizes) / self.steps * 1e6)
 
 
@@ -533,7 +539,7 @@ def bench_lock(out: Out, repeats: int, seconds: float, tmp: TempDir,
                 fair[label] = statistics.median(r[1] for r in rounds)
     with pheap.open(path, "w") as h:
         h.check()
-        used = sum(1 for b in h.walk() if not b.free)
+        used = h.stats().used_blocks  # live allocations (runs of slots not counted)
     os.unlink(path)
     mp2 = res[(cases[2][0], 2)]
     rows = []
@@ -550,7 +556,7 @@ def bench_lock(out: Out, repeats: int, seconds: float, tmp: TempDir,
         "shares; flock does not queue waiters). mp.heap cannot be shared between processes: "
         "each child has its own and nothing is contended, so it is the per-process reference, "
         f"not a shared alternative. Floor: {FLOOR_US} us (DESIGN.md). The heap was checked after "
-        f"all rounds: clean, {used} used blocks left.")
+        f"all rounds: clean, {used} live allocations left.")
     if single:
         out(f"In-process figures from 3a (from a bin): {ALLOC} {us(single[ALLOC])} us, "
             f"{LOCK_OP} {us(single[LOCK_OP])} us, {ONE_LOCK} {us(single[ONE_LOCK])} us; "
@@ -600,38 +606,48 @@ def _recovery_open(path: str, live: int) -> float:
     return dt
 
 
+CRASH_SIZES = ((24, "24 B (a slot)"), (1000, "1000 B (a block)"))  #: pair sizes of section 4
+
+
 def bench_crash_safety(out: Out, repeats: int, target_s: float, tmp: TempDir,
                        lives: Sequence[int]) -> None:
     out()
-    out(f"-- 4. the cost of crash safety: 24 B malloc+free pair and a small transaction, us "
+    out(f"-- 4. the cost of crash safety: malloc+free pairs, a small transaction, recovery, us "
         f"(median of {repeats}) --")
     rows = []
-    base: dict[str, float] = {}
+    base = 0.0
     for lock in ("one lock (with heap.lock())", "lock per operation"):
-        for journal in (False, True):
-            path = tmp.path()
-            h = pheap.open(path, "n", size=1 << 22, journal=journal)
+        for size, label in CRASH_SIZES:
+            h = tmp.heap(1 << 22)
             held = h.lock() if lock.startswith("one") else contextlib.nullcontext()
             with held:
-                n = calibrate(lambda k, h=h: _pairs(h.malloc, h.free, k, 24), target_s)
-                xs = [timed(_pairs, h.malloc, h.free, n, 24) / n * 1e6 for _ in range(repeats)]
+                n = calibrate(lambda k, h=h, size=size: _pairs(h.malloc, h.free, k, size),
+                              target_s)
+                xs = [timed(_pairs, h.malloc, h.free, n, size) / n * 1e6
+                      for _ in range(repeats)]
             h.check()
             h.close()
             m = statistics.median(xs)
-            base.setdefault(lock, m)
-            rows.append([lock, "on" if journal else "off", us(m), spread(xs),
-                         ratio(m / base[lock]), ratio(m / FLOOR_US)])
-    path = tmp.path()
-    h = pheap.open(path, "n", size=1 << 22, durability="power")
-    with h.lock():
-        xs = [timed(_pairs, h.malloc, h.free, 50, 24) / 50 * 1e6 for _ in range(repeats)]
-    h.close()
-    m = statistics.median(xs)
-    rows.append(["one lock, durability='power'", "on + msync", us(m), spread(xs),
-                 ratio(m / base["one lock (with heap.lock())"]), ratio(m / FLOOR_US)])
-    out.table(["locking", "journal", "us/pair", "spread", "x journal off", "/floor"], rows)
-    out("Crash-safe = journal on (the default): every operation is atomic against SIGKILL. "
-        "'power' also msyncs before and after every commit word (two per operation).")
+            base = base or m
+            rows.append([lock, label, "process", us(m), spread(xs), ratio(m / base),
+                         ratio(m / FLOOR_US)])
+    for size, label in CRASH_SIZES:
+        h = tmp.heap(1 << 22, durability="power")
+        with h.lock():
+            xs = [timed(_pairs, h.malloc, h.free, 50, size) / 50 * 1e6 for _ in range(repeats)]
+        h.close()
+        m = statistics.median(xs)
+        rows.append(["one lock (with heap.lock())", label, "power", us(m), spread(xs),
+                     ratio(m / base), ratio(m / FLOOR_US)])
+    out.table(["locking", "size", "durability", "us/pair", "spread", "x first row", "/floor"],
+              rows)
+    out("Every heap is journaled: every operation is atomic against SIGKILL, and there is no "
+        "unjournaled mode to compare with. A 24 B pair under the lock takes the slot fast "
+        "path: malloc and free are one plain word store each (atomic by itself, so no undo "
+        "record); the 1000 B pair is a block: each op is one journaled operation (begin, an "
+        "undo record before each store, commit). durability='power' is crash-safe against "
+        "power loss too: it msyncs around every commit (and takes the journaled path for every "
+        "op, slots included), 50 pairs per repeat.")
     path = tmp.path()
     h = pheap.open(path, "n", size=1 << 22)
     root = h.calloc(1, 8)

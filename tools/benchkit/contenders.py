@@ -2,11 +2,11 @@
 
 :class:`Contender` gives ``malloc``, ``realloc``, ``free`` and the context to run them in, for:
 
-``pheap Allocator``  the allocator of a file heap opened with ``journal=False``, called directly
-                     (see :mod:`benchkit.internals`), no lock: the algorithm alone.
+``pheap Allocator``  the allocator behind a file heap (its core) called directly (see
+                     :mod:`benchkit.internals`) inside one ``with heap.lock():``: the algorithm
+                     and its journal, no lock work per call.
 ``pheap Heap ...``   the public API on a file heap: ``lock/op`` takes the lock in every call;
-                     ``1 lock`` runs inside one ``with heap.lock():``; ``no journal`` on a heap
-                     opened with ``journal=False``.
+                     ``1 lock`` runs inside one ``with heap.lock():``.
 ``mp.heap``          CPython's ``multiprocessing.heap.Heap``: per process, never shared;
                      ``malloc(n)`` returns ``(arena, start, stop)``; realloc = malloc + copy + free.
 ``first-fit``        :class:`benchkit.firstfit.FirstFit`.
@@ -46,9 +46,10 @@ class TempDir:
         self.n += 1
         return tempfile.mkdtemp(prefix=f"s{self.n}-", dir=self.dir)
 
-    def heap(self, size: int = pheap.DEFAULT_SIZE, journal: bool = True) -> pheap.Heap:
+    def heap(self, size: int = pheap.DEFAULT_SIZE, **kw: Any) -> pheap.Heap:
+        """A new heap file (``kw``: more options of ``pheap.open``), unlinked at once."""
         path = self.path()
-        h = pheap.open(path, "n", size=size, journal=journal)
+        h = pheap.open(path, "n", size=size, **kw)
         os.unlink(path)  # the mapping and descriptors keep it alive; nothing to clean up later
         return h
 
@@ -59,15 +60,16 @@ class TempDir:
 ALLOC = "pheap Allocator"
 LOCK_OP = "pheap Heap lock/op"
 ONE_LOCK = "pheap Heap 1 lock"
-ONE_LOCK_NJ = "pheap Heap 1 lock, no journal"
 MP = "mp.heap"
 FF = "first-fit"
-ALL_CONTENDERS = (ALLOC, LOCK_OP, ONE_LOCK, ONE_LOCK_NJ, MP, FF)
-LEGEND = (f"{ALLOC}: the allocator without journal (pheap.open(..., journal=False)) called "
-          f"directly, no lock; page releases it queues are done right after the op, as Heap "
-          f"does. {LOCK_OP}: Heap.malloc/free, each taking the flock lock. {ONE_LOCK}: the same "
-          f"calls inside one `with heap.lock():` (the default, journaled heap: begin/commit around "
-          f"each op). {ONE_LOCK_NJ}: that, on a heap opened with journal=False.")
+ALL_CONTENDERS = (ALLOC, LOCK_OP, ONE_LOCK, MP, FF)
+LEGEND = (f"Every pheap heap is journaled (each operation atomic against SIGKILL). {ALLOC}: the "
+          f"allocator behind the heap (its core's malloc/realloc/free) called directly inside one "
+          f"`with heap.lock():` -- the algorithm and its journal, no lock system call per op: a "
+          f"small slot whose bitmap word stays listed is one plain word store, any other op is "
+          f"one journaled operation (begin, logged stores, commit). {LOCK_OP}: Heap.malloc/free, "
+          f"each taking and releasing the flock lock. {ONE_LOCK}: Heap.malloc/free inside one "
+          f"`with heap.lock():` (the allocator's paths plus the public methods' checks).")
 
 
 def mp_realloc(heap: mpheap.Heap) -> Callable[[tuple, int], tuple]:
@@ -97,10 +99,10 @@ class Contender:
         self.heap: pheap.Heap | None = None
         self.obj: Any = None
         if who == ALLOC:
-            h = self.heap = tmp.heap(size, journal=False)
+            h = self.heap = tmp.heap(size)
             self.malloc, self.realloc, self.free = pheap_internals().raw_ops(h)
         elif who.startswith("pheap Heap"):
-            h = self.heap = tmp.heap(size, journal=who != ONE_LOCK_NJ)
+            h = self.heap = tmp.heap(size)
             self.malloc, self.realloc, self.free = h.malloc, h.realloc, h.free
         elif who == MP:
             mh = self.obj = mpheap.Heap()
@@ -112,8 +114,8 @@ class Contender:
             raise ValueError(f"unknown contender {who!r}")
 
     def held(self) -> Any:
-        """The context to run in: one heap lock for the ``1 lock`` contenders."""
-        if self.heap is not None and self.who in (ONE_LOCK, ONE_LOCK_NJ):
+        """The context to run in: one heap lock for ``1 lock`` and the raw allocator."""
+        if self.heap is not None and self.who in (ALLOC, ONE_LOCK):
             return self.heap.lock()
         return contextlib.nullcontext()
 

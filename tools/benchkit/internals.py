@@ -1,10 +1,11 @@
 """The one place where the benchmarks reach inside pheap.
 
 Everything else in tools/ uses pheap's public API only. The allocator benchmark also needs four
-things the public API does not give (on purpose): the allocator of a heap called directly, with
-no lock and no journal (the "pheap Allocator" row: the algorithm alone); the offset of the first
-block and the size of the mapping a block area needs (the "pheap whole" utilization); and a
-crash point inside a journaled write (the recovery-time row).
+things the public API does not give (on purpose): the allocator behind a heap called directly,
+under the heap lock the caller holds (the "pheap Allocator" row: the algorithm and its journal,
+without the public methods' wrapper); the offset of the first block and the size of the mapping
+a block area needs (the "pheap whole" utilization); and a crash point inside a journaled write
+(the recovery-time row).
 
 All four come from :func:`pheap_internals`, the only function in tools/ that touches a private
 attribute or an internal module of pheap. When pheap's internals change, adapt that function
@@ -20,48 +21,36 @@ from typing import Any, NamedTuple
 class PheapInternals(NamedTuple):
     """What :func:`pheap_internals` returns."""
 
-    #: ``raw_ops(heap)`` -> (malloc, realloc, free) of the allocator behind ``heap`` (opened with
-    #: ``journal=False``), called directly: no lock, no journal; page releases that the
-    #: allocator queues are done right after each op, as Heap does
+    #: ``raw_ops(heap)`` -> (malloc, realloc, free) of the allocator behind ``heap`` (its core),
+    #: called directly. Call them with the heap lock held (``with heap.lock():``): then a small
+    #: slot is one plain word store and every other operation is one journaled operation (begin,
+    #: logged stores, commit; page releases it queues are done right after the commit), with
+    #: no lock work per call. Without the lock each call takes it, as the public methods do.
     raw_ops: Callable[[Any], tuple[Callable[[int], int], Callable[[int, int], int],
                                    Callable[[int], None]]]
-    blocks_off: int  #: offset of the first block (header + control block come before it)
+    blocks_off: int  #: offset of the first block header (header + control block come before it)
     #: ``mapping_for(peak_brk)`` -> bytes of the smallest mapping whose block area reaches
-    #: ``peak_brk``: header, control block, blocks and the allocation bitmap
+    #: ``peak_brk``: header, control block, blocks, the page map and the allocation bitmap
     mapping_for: Callable[[int], int]
     #: ``crash_at_journal_write(n)``: SIGKILL this process at its n-th journaled write (armed
-    #: before the heap is opened)
+    #: before the heap is opened: a heap opened while no crash point is armed never counts)
     crash_at_journal_write: Callable[[int], None]
 
 
 def pheap_internals() -> PheapInternals:
-    """THE function that touches pheap's internals (``Heap._a``, ``pheap.format``,
+    """THE function that touches pheap's internals (``Heap._core``, ``pheap.format``,
     ``pheap.journal``). Adapt it, and only it, when they change."""
     from pheap import format as F
     from pheap import journal
 
     def raw_ops(heap: Any) -> tuple[Callable[[int], int], Callable[[int, int], int],
                                     Callable[[int], None]]:
-        a = heap._a  # the Allocator behind the Heap
-        if a.journaled:
-            raise ValueError("raw_ops needs a heap opened with journal=False")
-        pending, release, a_free, a_realloc = a.pending, a.release_pending, a.free, a.realloc
-
-        def free(p: int) -> None:
-            a_free(p)
-            if pending:
-                release()
-
-        def realloc(p: int, n: int) -> int:
-            q = a_realloc(p, n)
-            if pending:
-                release()
-            return q
-        return a.malloc, realloc, free
+        core = heap._core  # pheap.heap.Core: the Allocator behind the Heap, with its lock
+        return core.malloc, core.realloc, core.free
 
     def mapping_for(peak_brk: int) -> int:
         cap = F.round_up(peak_brk, 8)
-        while F.bitmap_off(cap) < peak_brk:
+        while F.meta_off(cap) < peak_brk:  # the wilderness ends where the page map begins
             cap += 8
         return cap
 

@@ -19,6 +19,7 @@ with a timeout.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import random
 import shutil
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple
 
 from . import env, peers, pheap_objects
 from .contenders import TempDir
-from .procs import FORK, child_timeout, rss_bytes, run_children, sweep_shm
+from .procs import FORK, child_timeout, reap, rss_bytes, run_children, sweep_shm
 from .report import Out, Row, results_table
 from .stores import (
     CounterSystem,
@@ -138,15 +139,16 @@ class Hung(RuntimeError):
 
 def children(jobs: Sequence[tuple[Callable[..., dict], tuple]], budget: float,
              barrier: Any = None, timeout: float | None = None) -> list[dict]:
-    """run_children (timeout: ``child_timeout(budget)`` unless given), raising Hung or
-    RuntimeError (the first child's error) on failure."""
+    """run_children (timeout: ``child_timeout(budget)`` unless given), raising RuntimeError
+    (a child's error) or Hung on failure. A child that failed is named before one that hung or
+    broke the barrier waiting for it: the others' failures are often its echo."""
     res = run_children(jobs, timeout or child_timeout(budget), barrier)
-    for r in res:
-        if r.get("hung"):
-            raise Hung(r["error"])
-    errs = [r["error"] for r in res if r.get("error")]
+    errs = [r for r in res if r.get("error")]
+    errs.sort(key=lambda r: (bool(r.get("hung")), r["error"].startswith("BrokenBarrierError")))
     if errs:
-        raise RuntimeError(errs[0])
+        if errs[0].get("hung"):
+            raise Hung(errs[0]["error"])
+        raise RuntimeError(errs[0]["error"])
     return res
 
 
@@ -289,7 +291,12 @@ def _b_writer(s: DictSystem, handle: Any, ks: list[str], vs: list[str], budget: 
         len(store.obj)  # connect (a proxy), load (UltraDict): not timed
         gc.collect()
         barrier.wait(child_timeout(budget))
-        t0, t1, n = phase(s, store, "set", _setter(store.obj, ks, vs), len(ks), budget, False)
+        try:
+            t0, t1, n = phase(s, store, "set", _setter(store.obj, ks, vs), len(ks), budget,
+                              False)
+        except BaseException:
+            handoff.put(-1)  # the reader need not wait for keys that will not come
+            raise
         handoff.put(n)
         return {"set": per_op_us(t0, t1, n), "n": n}
     finally:
@@ -305,6 +312,8 @@ def _b_reader(s: DictSystem, handle: Any, ks: list[str], vs: list[str], budget: 
         gc.collect()
         barrier.wait(child_timeout(budget))
         n = handoff.get(timeout=child_timeout(budget))
+        if n < 0:
+            raise RuntimeError("the writer failed")
         idx = [i for i in order if i < n]
         gkeys, got = [ks[i] for i in idx], []
         gc.collect()
@@ -718,8 +727,9 @@ def section_g(ctx: Ctx) -> None:
         expect = float(n * (n - 1) // 2)  # exact: every partial sum is an integer below 2**53
 
         def pool(kind: str | None = None, arg: Any = None) -> Any:
+            before = set(multiprocessing.active_children())
             p = FORK.Pool(2, initializer=_g_init, initargs=(kind, arg))
-            pools.append(p)
+            pools.append((p, set(multiprocessing.active_children()) - before))
             return p
         try:
             trips[names[0].name] = lambda: [float(data.sum())] * 2
@@ -766,9 +776,14 @@ def section_g(ctx: Ctx) -> None:
                     except Exception as e:  # noqa: BLE001
                         row.failed.append(describe(e))
         finally:
-            # terminate() SIGTERMs the workers (a sum in C dies at once) and joins them
-            for p in pools:
-                p.terminate()
+            # close(): the workers (idle, or finishing a sum of milliseconds) exit on their own;
+            # one that has not after a while is killed. (terminate() was seen to hang on a
+            # busy machine: Pool.join waits for a worker the SIGTERM did not end.)
+            for p, _ in pools:
+                p.close()
+            for _, workers in pools:
+                reap(list(workers))
+            for p, _ in pools:
                 p.join()
             for close in reversed(closers):
                 try:
@@ -836,7 +851,8 @@ def section_h(ctx: Ctx) -> None:
         ctx.log(f"h: {name}")
         try:
             used, done, how = fn()
-            row.add("bytes/entry", used / max(done, 1), done, n)
+            # (a row that failed part way says so in its check cell, not as a budget cut)
+            row.add("bytes/entry", used / max(done, 1), done, done if row.failed else n)
             row.notes.append(how)
         except Hung as e:
             row.failed.append(str(e))
@@ -861,7 +877,15 @@ def section_h(ctx: Ctx) -> None:
             def step(a: int, b: int) -> None:
                 for i in range(a, b):
                     d[ks[i]] = i
-            _, _, done = phase(None, None, "fill", step, n, budget)
+            try:
+                _, _, done = phase(None, None, "fill", step, n, budget)
+            except Exception as e:  # noqa: BLE001
+                # pheap refused an entry: the row is flagged FAILED, and its figure is over the
+                # entries that went in before (the operation that raised was rolled back)
+                done = len(d)
+                rows["pheap h.dict()"].failed.append(
+                    f"{describe(e)} (at entry {done + 1:,}; the figure is over the {done:,} "
+                    "entries before it)")
             used = pheap_objects.used_bytes(h) - before
             if len(d) != done or d[ks[done - 1]] != done - 1:
                 rows["pheap h.dict()"].wrong += 1

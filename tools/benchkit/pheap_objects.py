@@ -1,7 +1,7 @@
 """pheap's rows in the object benchmark: everything pheap-specific in tools/bench_objects.py.
 
-The benchmark expects this API (planned; where a part is missing, its rows print ``pheap: not
-available (...)`` and the run goes on):
+The benchmark uses this API of pheap (``pheap.objects``; where a part is missing or fails its
+probe, its rows print ``pheap: not available (...)`` and the run goes on):
 
 - ``h = pheap.open(path, "n", size=...)`` a new heap file; ``pheap.open(path, "w")`` reopens it
   (in another process too); ``h.close()``.
@@ -45,7 +45,7 @@ _probed: dict[str, str | None] | None = None
 
 def _module() -> Any:
     """The pheap module (every use of pheap here goes through this; the tests put a stand-in
-    with the planned API in its place)."""
+    with the same API in its place)."""
     import pheap
 
     return pheap
