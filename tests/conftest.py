@@ -11,7 +11,10 @@ import pytest
 
 import pheap
 
-TRACE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "malloclab")
+#: the CS:APP malloc-lab traces (*.rep): $PHEAP_TRACES, else shared/traces/malloclab beside
+#: the repository (they are not part of it)
+TRACE_DIR = os.environ.get("PHEAP_TRACES") or \
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "malloclab")
 
 
 @pytest.fixture

@@ -598,7 +598,7 @@ def parse_trace(path: str):
 def test_trace_replay(trace, tmp_path):
     if trace is None:
         pytest.skip("malloc-lab traces not found: expected *.rep files in "
-                    f"{os.path.abspath(TRACE_DIR)} (../shared/traces/malloclab beside the repo)")
+                    f"{os.path.abspath(TRACE_DIR)} (set PHEAP_TRACES to their folder)")
     _, n_ids, ops = parse_trace(trace)
     h = pheap.open(str(tmp_path / "trace.heap"), "n", size=64 * KIB)
     live: dict[int, tuple[int, int]] = {}  # id -> (offset, bytes)

@@ -5,7 +5,8 @@ even where the absolute figures belong to the machine. Commands (from the reposi
 
     python3 tools/bench_alloc.py --quick          # smoke run, under a minute
     python3 tools/bench_alloc.py                  # full run, a few minutes
-    python3 tools/bench_alloc.py --seed 1 -o tools/results/bench_alloc.txt   # the committed results
+    python3 tools/bench_alloc.py --seed 1 -o alloc.txt   # also into a file (docs/benchmarks.md
+                                                         # comes from tools/bench_all.py)
 
 ``--seed N`` (default 1) fixes every random size and index; ``-o FILE`` also writes the output to
 FILE. The output is: an environment line; the malloc-lab trace replay (utilization and Kops/s);

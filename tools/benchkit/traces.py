@@ -6,8 +6,9 @@ Utilization of an allocator on a trace = the trace's peak live payload (``Trace.
 largest sum, over time, of the requested bytes of the live blocks) / the allocator's high-water
 mark.
 
-The traces are not part of the project (their copyright is not ours): they are read from
-``../shared/traces/malloclab`` relative to the repository root, where present.
+The traces are not part of the project (their copyright is not ours): they are the ``*.rep``
+files of the CS:APP malloc lab (Bryant and O'Hallaron's course material), read from the folder
+``$PHEAP_TRACES`` names, else from ``shared/traces/malloclab`` beside the repository.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, NamedTuple
 
 from .env import ROOT
 
-TRACE_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "traces", "malloclab"))
-TRACE_DIR_SHOWN = "../shared/traces/malloclab"  #: how reports name TRACE_DIR (no local path)
+TRACE_DIR = os.environ.get("PHEAP_TRACES") or \
+    os.path.normpath(os.path.join(ROOT, "..", "shared", "traces", "malloclab"))
+TRACE_DIR_SHOWN = "the malloc-lab trace folder"  #: how reports name TRACE_DIR (no local path)
 TINY_TRACES = ("short1-bal", "short2-bal")  #: left out of averages (a few KiB of payload)
 
 OP_ALLOC, OP_REALLOC, OP_FREE = 0, 1, 2  #: op kinds in Trace.ops
