@@ -263,3 +263,14 @@ def test_stress_script_small(kind, batch):
                          env=ENV, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "check clean: True" in res.stdout
+
+
+@pytest.mark.timeout(180)
+def test_stress_script_objects_small():
+    """tools/stress.py --objects: 4 processes, each opening the file by path, on one dict,
+    list, counter and queue: nothing lost or duplicated, check() clean."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "stress.py"), "--objects",
+                          "-p", "4", "-n", "1500", "--seed", "3"],
+                         env=ENV, capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "check clean: True" in res.stdout and "FAIL" not in res.stderr

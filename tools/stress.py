@@ -11,10 +11,20 @@ Small, in CI (tests/test_sharing.py)::
 
     python3 tools/stress.py -p 4 -n 2000 --seed 1
 
-Large, by hand (the figures in the issue notes)::
+Large, by hand::
 
     python3 tools/stress.py -p 8 -n 100000 --seed 1
     python3 tools/stress.py -p 8 -n 100000 --seed 2 --kind memfd --batch 50
+
+``--objects``: the same with shared objects, each worker opening the heap file by its path as an
+unrelated process would. Every worker sets its own keys of one shared dict (and reads the
+others'), appends to one shared list, adds to one counter and puts to and gets from one queue;
+afterwards the counter is exact, each worker's keys hold its last values, the list holds each
+append exactly once, every item put was gotten exactly once (or is still queued), and
+``check()`` is clean::
+
+    python3 tools/stress.py --objects -p 4 -n 2000 --seed 1      # CI
+    python3 tools/stress.py --objects -p 8 -n 50000 --seed 1     # by hand
 """
 
 from __future__ import annotations
@@ -152,6 +162,112 @@ def run(processes: int, ops: int, seed: int, kind: str, batch: int, path: str | 
     return 1 if failures else 0
 
 
+def objects_worker(path: str, worker: int, ops: int, seed: int, conn) -> None:
+    """One worker of --objects: a process of its own that opens the file by path."""
+    errors: list[str] = []
+    got: list[int] = []
+    last: dict[str, int] = {}
+    adds = appended = 0
+    try:
+        rng = random.Random(f"{seed}:{worker}")
+        with pheap.open(path, "w") as h:
+            root = h.root
+            d, lst, ctr, q = root["d"], root["l"], root["c"], root["q"]
+            for i in range(ops):
+                r = rng.random()
+                if r < 0.35:
+                    k = f"w{worker}:{rng.randrange(50)}"
+                    d[k] = i
+                    last[k] = i
+                elif r < 0.50:
+                    k = f"w{rng.randrange(64)}:{rng.randrange(50)}"
+                    v = d.get(k)
+                    if v is not None and not isinstance(v, int):
+                        errors.append(f"d[{k!r}] read {v!r}")
+                elif r < 0.65:
+                    lst.append(worker * 1_000_000_000 + i)
+                    appended += 1
+                elif r < 0.78:
+                    n = rng.randint(1, 5)
+                    ctr.add(n)
+                    adds += n
+                elif r < 0.90:
+                    q.put(worker * 1_000_000_000 + i)
+                else:
+                    try:
+                        got.append(q.get_nowait())
+                    except Exception:  # queue.Empty
+                        pass
+    except Exception as e:  # the parent reports it
+        errors.append(f"{type(e).__name__}: {e}")
+    conn.send((errors, got, last, adds, appended))
+    conn.close()
+
+
+def run_objects(processes: int, ops: int, seed: int, quiet: bool = False) -> int:
+    tmp = tempfile.mkdtemp(prefix="pheap-stress-")
+    path = os.path.join(tmp, "objects.heap")
+    with pheap.open(path, "n", size=1 << 20) as h:
+        h.root.update(d=h.dict(), l=h.list(), c=h.counter(), q=h.queue())
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    pipes, procs = [], []
+    for w in range(processes):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=objects_worker, args=(path, w, ops, seed, send))
+        p.start()
+        send.close()
+        pipes.append(recv)
+        procs.append(p)
+    results = []
+    for recv in pipes:
+        try:
+            results.append(recv.recv())
+        except EOFError:
+            results.append((["worker died without reporting"], [], {}, 0, 0))
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - t0
+    failures = [e for r in results for e in r[0]]
+    failures += [f"worker {i} exit code {p.exitcode}" for i, p in enumerate(procs) if p.exitcode]
+    with pheap.open(path, "w") as h:
+        root = h.root
+        d, items, total = root["d"].copy(), root["l"].copy(), root["c"].value
+        queued = []
+        while root["q"].qsize():
+            queued.append(root["q"].get_nowait())
+        adds = sum(r[3] for r in results)
+        if total != adds:
+            failures.append(f"counter {total}, but the workers added {adds}")
+        for _, _, last, _, _ in results:
+            for k, v in last.items():
+                if d.get(k) != v:
+                    failures.append(f"d[{k!r}] is {d.get(k)!r}, its worker last set {v}")
+                    break
+        if len(items) != len(set(items)) or len(items) != sum(r[4] for r in results):
+            failures.append(f"the list holds {len(items)} items ({len(set(items))} distinct), "
+                            f"the workers appended {sum(r[4] for r in results)}")
+        gotten = [x for r in results for x in r[1]] + queued
+        if len(gotten) != len(set(gotten)):
+            failures.append("an item was gotten from the queue twice")
+        report = h.check()
+        if report is not None:
+            failures.append(f"check(): {report!r}")
+        st = h.stats()
+    total_ops = processes * ops
+    if not quiet or failures:
+        print(f"stress --objects: {processes} processes x {ops} ops (file heap opened by path in "
+              f"each, seed {seed}): {elapsed:.2f} s, {total_ops / elapsed:,.0f} ops/s overall; "
+              f"counter {total}, {len(d)} keys, {len(items)} list items, {len(gotten)} queue "
+              f"items gotten or left, capacity {st.capacity}; check clean: "
+              f"{not any(f.startswith('check') for f in failures)}")
+    os.unlink(path)
+    os.rmdir(tmp)
+    for f in failures:
+        print("FAIL:", f, file=sys.stderr)
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-p", "--processes", type=int, default=4)
@@ -161,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1,
                     help="operations per lock acquisition (1 = lock per operation)")
     ap.add_argument("--path", default=None, help="heap file (default: a temporary one)")
+    ap.add_argument("--objects", action="store_true",
+                    help="shared objects instead of raw blocks (see the module docstring)")
     args = ap.parse_args(argv)
+    if args.objects:
+        return run_objects(args.processes, args.ops, args.seed)
     return run(args.processes, args.ops, args.seed, args.kind, args.batch, args.path)
 
 
