@@ -307,7 +307,8 @@ def bench_pairs(out: Out, repeats: int, target_s: float, tmp: TempDir) -> dict[s
         "under the lock each malloc and free is then one word store). mp/this: "
         f"multiprocessing.heap's time / this one (> 1: faster than mp.heap); /floor: this "
         f"time / {FLOOR_US} us, the floor in "
-        "the project's starting figures (mp.heap at 6.0 us). Spread: (max - min) / median of the repeats. "
+        "the project's starting figures (mp.heap at 6.0 us). Spread: (max - min) / median of "
+        "the repeats. "
         f"Loop overhead is included: {loop:.3f} us for the same loop calling two no-op "
         "functions.")
     out(LEGEND)
@@ -376,7 +377,8 @@ def bench_churn(out: Out, lives: Sequence[int], steps: int, repeats: int, seed: 
                "steps"], rows[:-1])
     out("Each slot holds one block; a step frees a random slot's block and mallocs a random size "
         "into it, so the live set stays constant. mp/this > 1: faster than multiprocessing.heap "
-        "(the starting figure: 8.8 us). this/pheapA: time relative to the raw pheap Allocator. steps: timed "
+        "(the starting figure: 8.8 us). this/pheapA: time relative to the raw pheap Allocator. "
+        "steps: timed "
         f"steps per repeat (fewer for a contender whose {repeats} repeats would pass "
         f"{budget_s:.0f} s; all contenders see the same sequence of slots and sizes).")
 
@@ -556,7 +558,8 @@ def bench_lock(out: Out, repeats: int, seconds: float, tmp: TempDir,
         "the 1-process figure); fairness = fewest / most pairs of the two children (1.00: even "
         "shares; flock does not queue waiters). mp.heap cannot be shared between processes: "
         "each child has its own and nothing is contended, so it is the per-process reference, "
-        f"not a shared alternative. Floor: {FLOOR_US} us (the starting figure). The heap was checked after "
+        f"not a shared alternative. Floor: {FLOOR_US} us (the starting figure). The heap was "
+        "checked after "
         f"all rounds: clean, {used} live allocations left.")
     if single:
         out(f"In-process figures from 3a (from a bin): {ALLOC} {us(single[ALLOC])} us, "
