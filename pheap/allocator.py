@@ -1195,10 +1195,14 @@ class Allocator:
         w = self._w
         j = self._j
         st = j.set
-        if j.mode >= _ATOMIC:  # its bytes may have been live when the bracket began
-            spans = j.freed_spans
-            if len(spans) <= _FRESH_SPANS:  # (past it, every block counts as freed: see journal)
-                spans.append((b, b + size))
+        # Its bytes may have been live when the bracket began; and so may the words of a free
+        # neighbour it merges with (an undo makes that a free block on its bin again, with its
+        # header, links and footer): the whole merged extent counts as freed in the bracket, so
+        # that nothing written into it later in the bracket goes unlogged.
+        spans = j.freed_spans if j.mode >= _ATOMIC and len(j.freed_spans) <= _FRESH_SPANS \
+            else None  # (past FRESH_SPANS, every block counts as freed: see journal)
+        if spans is not None:
+            spans.append((b, b + size))
         bi = b >> 3
         hdr = w[bi]
         nb = b + size
@@ -1234,6 +1238,8 @@ class Allocator:
             if nxt:
                 st((nxt >> 3) + 2, prv)
             size += psize
+            if spans is not None:
+                spans.append((b, b + psize))
         if nb == brk:
             # The block touches the wilderness: give it back by lowering brk.
             st(H_BRK, b)
@@ -1268,6 +1274,8 @@ class Allocator:
             if nxt:
                 st((nxt >> 3) + 2, prv)
             size += nsize
+            if spans is not None:
+                spans.append((nb, nb + nsize))
         else:
             st(ni, nhdr | PREV_FREE)
         if freed >= RELEASE_THRESHOLD:
