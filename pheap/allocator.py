@@ -433,7 +433,9 @@ class Allocator:
             idx = (off - base - _CFIRST[c]) // size
             start = base + _CFIRST[c] + idx * size
             if 0 <= idx < _CSLOTS[c] and off >= start:
-                self._slot_of(start, v)  # raises for a free slot
+                # raises for a free slot (with the page-map byte of the slot's first page: a
+                # slot of a multi-page run may begin on the page before off's)
+                self._slot_of(start, self._b[self._meta + (start >> 12)])
                 if off + n <= start + size:
                     return start, start + size
                 raise InvalidPointerError(f"range [{off}, {off + n}) runs past the end of the "
