@@ -90,6 +90,9 @@ _H_OBJECTS: Final = F.H_OBJECTS
 _H_OBJ_SEQ: Final = F.H_OBJ_SEQ
 _H_OBJ_GRAVE: Final = F.H_OBJ_GRAVE
 _M64: Final = (1 << 64) - 1  #: the version counter wraps (an even word stays even)
+#: the brackets an object operation tries in turn: the operation journal in the header, then
+#: transactions whose log grows fourfold (at least twice what the attempt before filled) each time
+_OP_MODES: Final = (J.ATOMIC,) + (J.TX,) * 6
 _J_STATE: Final = F.J_STATE
 _cores: dict[tuple[int, int], Core] = {}  # one core per heap file/memfd in this process
 _cores_lock = threading.Lock()
@@ -350,7 +353,7 @@ class Core(Allocator):
             return self._seq_call(fn, args)
         if not j.mode and self._w[_J_STATE]:
             self.finish_undo()
-        for mode in (J.ATOMIC, J.TX, J.TX, J.TX):
+        for mode in _OP_MODES:
             self.open_bracket(mode)
             self._obj_depth = 1
             self.own_bracket = True
@@ -360,11 +363,11 @@ class Core(Allocator):
                 self._obj_depth = 0
                 self.own_bracket = False
                 self.close_bracket(False)
-                if mode == J.TX:  # again, with a log that would have held this attempt
+                if mode == J.TX:  # again, with a log well past what this attempt filled
                     need = getattr(e, "needed", 0)
                     if not need or need > self._cap:
                         raise
-                    self.tx_log_want = max(self.tx_log_want * 2, need)
+                    self.tx_log_want = max(self.tx_log_want * 4, need * 2)
                 continue
             except BaseException:
                 self._obj_depth = 0
@@ -378,8 +381,9 @@ class Core(Allocator):
             if st is not None and (st.to_bury or self._w[_H_OBJ_GRAVE]):
                 self.after_op(self)
             return r
-        raise TransactionTooLargeError("an operation outgrew its transaction log three times "
-                                       "over, each time with a larger one")
+        raise TransactionTooLargeError(f"an operation outgrew its transaction log "
+                                       f"{len(_OP_MODES) - 1} times over, each time with one "
+                                       f"four times larger (last {self.tx_log_want} bytes)")
 
     def finish_undo(self) -> None:
         """Finish a rollback an interrupt cut off; the version counter, left odd by it, goes on
@@ -795,6 +799,14 @@ class _Hold:
                         if isinstance(ev, TransactionTooLargeError):
                             core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE,
                                                    ev.needed if ev.needed <= core._cap else 0)
+                    # Object operations inside the bracket freed nothing (the bracket was
+                    # open): free what it left without references now, as after an operation.
+                    st = core.objects
+                    if st is not None and (st.to_bury or core._w[_H_OBJ_GRAVE]):
+                        try:
+                            core.after_op(core)
+                        except Exception:
+                            pass  # (its own bracket was undone: the next operation tries again)
         finally:
             while lk.owner == me and lk.depth > self.depth0:
                 lk.release()

@@ -59,7 +59,8 @@ then it *floats*, kept by that process (``float_pid``), until the handle goes or
 again. Objects made by ``heap.dict()`` etc. float until stored. A process that dies leaves its
 floating objects behind; ``check()`` reports them and ``gc()`` frees them. Handles of a freed
 object raise ReferenceError. Freeing is done a bounded step at a time after each operation
-(the graveyard), so freeing a large structure never outgrows a journal.
+and each bracket (the graveyard), so freeing a large structure never outgrows a journal: a few
+steps, plus one for each object the operation buried, so that freeing keeps up with the work.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ LOCK_FREE_READS: Final = os.uname().machine.lower() in ("x86_64", "amd64", "i386
 READ_TRIES: Final = 3  #: lock-free tries before a read takes the lock
 REAP_STEP: Final = 16  #: cells a graveyard step frees at most (bounded journal use; a step
 #: that still outgrows the operation journal is undone and tried again with half as many)
+REAP_STEPS: Final = 4  #: graveyard steps after every operation, besides one per object it buried
+REAP_STEPS_MAX: Final = 64  #: most graveyard steps after one operation (a bounded pause)
 QUEUE_POLL_MIN: Final = 0.0002  #: first sleep of a waiting get/put, s
 QUEUE_POLL_MAX: Final = 0.005  #: longest sleep between looks (a waiter wakes within it), s
 
@@ -203,8 +206,8 @@ class _Torn(Exception):
 class _State:
     """The object layer's state for one core (one mapped heap in this process)."""
 
-    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "pid", "heaps", "lock",
-                 "keys", "bkeys", "deref", "views", "view_off", "__weakref__")
+    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "buried", "pid", "heaps",
+                 "lock", "keys", "bkeys", "deref", "views", "view_off", "__weakref__")
 
     def live_heap(self) -> Heap:
         """An open Heap handle of this heap (object handles outlive the one that made them);
@@ -231,6 +234,9 @@ class _State:
             weakref.WeakValueDictionary()
         self.floating: dict[int, Any] = {}  # off -> weakref.finalize of its handle
         self.to_bury: list[int] = []  # floating objects whose handles are gone
+        #: objects this process put in the graveyard since it last freed some: the next
+        #: operation frees that many steps more (pay as you go: the graveyard keeps up)
+        self.buried = 0
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.keys: dict[str, tuple[int, int | None, bytes | None]] = {}  # str keys' parts
@@ -318,11 +324,15 @@ atexit.register(_at_exit)
 
 
 def _after_op(core: Core) -> None:
-    """After an operation committed (still under the lock): bury floating objects whose last
-    handle here is gone, and free a step of the graveyard. Readers see it as a change."""
+    """After an operation or a bracket ended (still under the lock): bury floating objects whose
+    last handle here is gone, and free a few steps of the graveyard: REAP_STEPS, plus one for
+    each object buried since the last time (at most REAP_STEPS_MAX), so that freeing keeps up
+    with a steady workload. Readers see it as a change."""
     st = core.objects
     if st is not None and (st.to_bury or core._w[F.H_OBJ_GRAVE]):
-        core._seq_call(reap, (st, 1))
+        steps = min(REAP_STEPS + st.buried + len(st.to_bury), REAP_STEPS_MAX)
+        st.buried = 0
+        core._seq_call(reap, (st, steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +523,7 @@ def _bury(st: _State, off: int) -> None:
     else:
         s(F.H_OBJ_GRAVE, off)
     s(F.H_OBJ_GRAVE_TAIL, off)
+    st.buried += 1
 
 
 def _dropped(st: _State, off: int) -> None:
@@ -1139,6 +1150,44 @@ def _dict_meta(st: _State, d: SharedDict) -> tuple[int, int]:
     return w[o + D_COUNT], w[o + D_VERSION]
 
 
+class _DictKeys(KeysView[Any]):
+    """``SharedDict.keys()``: set-like, and like dict's view reversible and with ``mapping``."""
+
+    __slots__ = ()
+
+    def __reversed__(self) -> Iterator[Any]:
+        return reversed(list(self._mapping.copy()))  # type: ignore[attr-defined]
+
+    @property
+    def mapping(self) -> Any:
+        """A read-only proxy of the dict this view shows (as ``dict_keys.mapping``)."""
+        import types
+
+        return types.MappingProxyType(self._mapping)  # type: ignore[arg-type]
+
+
+class _DictValues(ValuesView[Any]):
+    """``SharedDict.values()``: like dict's view, reversible and with ``mapping``."""
+
+    __slots__ = ()
+
+    def __reversed__(self) -> Iterator[Any]:
+        return reversed(list(self._mapping.copy().values()))  # type: ignore[attr-defined]
+
+    mapping = _DictKeys.mapping
+
+
+class _DictItems(ItemsView[Any, Any]):
+    """``SharedDict.items()``: set-like, and like dict's view reversible and with ``mapping``."""
+
+    __slots__ = ()
+
+    def __reversed__(self) -> Iterator[tuple[Any, Any]]:
+        return reversed(list(self._mapping.copy().items()))  # type: ignore[attr-defined]
+
+    mapping = _DictKeys.mapping
+
+
 class SharedDict(SharedObject, MutableMapping[Any, Any]):
     """A dict in the heap: insertion order, views, ``==`` with dicts, ``|``, every method of
     dict. Keys and values are stored with :mod:`pheap.codec` (str, bytes, int, float, tuple,
@@ -1208,13 +1257,13 @@ class SharedDict(SharedObject, MutableMapping[Any, Any]):
         return reversed(self.copy())
 
     def keys(self) -> KeysView[Any]:
-        return KeysView(self)
+        return _DictKeys(self)
 
     def values(self) -> ValuesView[Any]:
-        return ValuesView(self)
+        return _DictValues(self)
 
     def items(self) -> ItemsView[Any, Any]:
-        return ItemsView(self)
+        return _DictItems(self)
 
     def copy(self) -> dict[Any, Any]:
         """A plain dict with the same items (one consistent read). O(n)."""

@@ -2578,3 +2578,67 @@ def test_keyboard_interrupts_inside_container_operations(kind, seed):
     fired = int(res.stdout.split(" KeyboardInterrupts raised")[0].rsplit(" ", 1)[1]
                 .replace(",", ""))
     assert fired >= 30, res.stdout  # the storm really hit the operations
+
+
+# -- freeing keeps up (found from outside) ---------------------------------------------------
+
+
+def test_objects_dropped_inside_transactions_are_freed(tmp_path):
+    """Objects that lose their last reference inside a transaction are freed once it ends, as
+    outside one (they were left for gc(): the heap grew without bound)."""
+    with pheap.open(str(tmp_path / "tx.heap"), "n") as h:
+        lst = h.root.setdefault("l", [])
+        for i in range(1500):
+            with h.transaction():
+                lst.append({"k": [i]})
+                lst.pop()
+            if i == 100:
+                base = h.stats().used_bytes
+        assert h.gc(dry_run=True)["objects"] <= 4
+        assert h.stats().used_bytes <= base + 4096
+        with pytest.raises(RuntimeError):
+            with h.transaction():
+                lst.append({"k": [1]})
+                lst.pop()
+                raise RuntimeError("undo")
+        lst.append(1)  # (an operation after the undone bracket)
+        assert h.gc(dry_run=True)["objects"] <= 4
+        h.check()
+
+
+def test_the_graveyard_keeps_up_with_a_steady_workload(ah):
+    """Each operation frees at least as much as it buried (and a little of the backlog), so a
+    workload that keeps replacing nested values stays within bounded memory."""
+    lst = ah.list()
+    counts = []
+    for i in range(1, 1501):
+        lst.append([i])
+        lst.append({"k": [i]})
+        if i % 50 == 0:
+            del lst[:]  # buries 100 objects at once, and 50 more behind the dicts
+            counts.append(ah.gc(dry_run=True)["objects"])
+    assert max(counts[5:]) <= max(counts[:5]) + 10, counts  # bounded, not climbing
+    assert counts[-1] <= 200, counts
+    ah.check()
+
+
+def test_one_operation_storing_a_large_plain_list_sizes_its_own_log(tmp_path):
+    """Storing a plain list of 50,000 new strings is one operation whose undo log outgrows the
+    first transaction logs: it is retried with larger ones until it fits."""
+    with pheap.open(str(tmp_path / "big.heap"), "n", size=64 << 20) as h:
+        data = [str(i) * 3 for i in range(50000)]
+        h.root["l"] = data
+        assert h.root["l"] == data
+        h.check()
+
+
+def test_dict_views_are_reversible_and_name_their_mapping(ah):
+    d = ah.dict({"a": 1, "b": 2, "c": 3})
+    plain = {"a": 1, "b": 2, "c": 3}
+    assert list(reversed(d.keys())) == list(reversed(plain.keys()))
+    assert list(reversed(d.values())) == list(reversed(plain.values()))
+    assert list(reversed(d.items())) == list(reversed(plain.items()))
+    for view in (d.keys(), d.values(), d.items()):
+        assert view.mapping["b"] == 2
+        with pytest.raises(TypeError):
+            view.mapping["b"] = 5  # read-only, as dict's
