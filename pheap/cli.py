@@ -75,7 +75,6 @@ import argparse
 import datetime
 import json
 import math
-import mmap
 import os
 import pickle
 import shutil
@@ -104,7 +103,7 @@ from .errors import (
 from .heap import Heap
 from .heap import open as open_heap
 from .heap import snapshot as snapshot_heap
-from .journal import pending_records
+from .journal import discard, pending_in_file
 from .lock import HeapLock
 
 EXIT_OK: Final = 0  #: done; check: sound
@@ -221,27 +220,8 @@ def _holder(path: str) -> str:
 
 def _journal_state(path: str) -> tuple[int, str] | None:
     """(undo records pending, '') or (-1, why the records fail their checks); None when the
-    journal is idle now (another process recovered it meanwhile). O(records).
-
-    Wanted from the core: ``Heap.pending_journal() -> int`` that works on a read-only heap
-    (NeedsRecoveryError carrying the count would do).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size & ~(F.PAGE - 1)
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    w = memoryview(mm).cast("Q")
-    try:
-        if not w[F.J_STATE]:
-            return None
-        return len(pending_records(w, len(w))), ""
-    except DamagedJournalError as e:
-        return -1, str(e)
-    finally:
-        w.release()
-        mm.close()
+    journal is idle now (another process recovered it meanwhile). O(records)."""
+    return pending_in_file(path)
 
 
 @contextmanager
@@ -264,24 +244,14 @@ def _file_lock(path: str, timeout: float, shared: bool, command: str) -> Iterato
 
 
 def _discard_journal(path: str, timeout: float) -> None:
-    """Mark the journal idle without replaying it: its records fail their checks, so restoring
-    them could write garbage. The operation they describe stays half done; the rebuild that
-    follows indexes what the boundary tags say.
-
-    Wanted from the core: ``Heap.repair(discard_damaged_journal=True)`` (or
-    ``pheap.repair(path, ...)``), since no open of such a heap succeeds.
-    """
+    """Mark the journal idle without replaying it, under the heap lock (see journal.discard)."""
     with _file_lock(path, timeout, False, "repair") as fd:
-        os.pwrite(fd, struct.pack("<Q", 0), F.J_STATE * F.WORD)
-        os.fsync(fd)
+        discard(fd)
 
 
 def _tags_damage(h: Heap) -> str:
     """Why the bins cannot be rebuilt from the boundary tags ('' when they can). O(blocks).
-
-    Wanted from the core: ``Heap.check_tags() -> None`` (raising CorruptHeapError), or
-    ``Heap.repair(dry_run=True) -> str``.
-    """
+    (The allocator's tag walk, which ``Heap`` does not offer: a user never needs it.)"""
     with h.lock():
         try:
             h._core.check_tags()
@@ -309,10 +279,9 @@ def _survey(h: Heap, slots: bool = False, keep: Callable[[BlockInfo], bool] | No
     when not 0), each run's fill, and up to the damage when a tag is bad. O(blocks + runs),
     + O(slots) with ``slots``.
 
-    Wanted from the core: ``Heap.walk()`` yielding lazily up to the first bad tag (it lists
-    every block first, so one bad tag hides all the good ones), BlockInfo of a run carrying its
-    slot size and used slots, and ``txlog`` in ``Heap.info()``. Until then this reads the
-    allocator of the handle under the lock.
+    This reads the handle's allocator under the lock rather than ``Heap.walk()``, which lists
+    every block before yielding (so one bad tag would hide all the good blocks before it) and
+    does not give a run's fill or the transaction log's offset.
     """
     core = h._core
     with h.lock():
@@ -354,7 +323,12 @@ def _run_fill(w: memoryview, off: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _busy(path: str, e: LockTimeoutError, command: str) -> CliError:
+def _busy(path: str, e: LockTimeoutError, command: str, waited: float = 0.0) -> CliError:
+    """The one-line error for a heap whose lock stayed held (``waited``: the whole wait, when
+    it was made of several tries)."""
+    if waited:
+        e = LockTimeoutError(f"heap lock not acquired within {waited:g} s: {_holder(path)} "
+                             "holds it")
     if command not in SNAPSHOT_COMMANDS:
         hint = "--timeout SECONDS waits for it"
     else:
@@ -395,7 +369,7 @@ def _open(path: str, flag: str, timeout: float, command: str) -> Heap:
             h.lock_timeout = timeout
             return h
         except LockTimeoutError as e:
-            raise _busy(path, e, command) from None
+            raise _busy(path, e, command, timeout) from None
         except NeedsRecoveryError:
             err = _pending_error(path)
             if err is not None:

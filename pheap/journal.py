@@ -247,6 +247,40 @@ def undo(w: memoryview, words: int) -> int:
     return len(recs)
 
 
+def pending_in_file(path: str) -> tuple[int, str] | None:
+    """The journal of the heap file ``path`` as it is now, read without the lock and without
+    recovering anything (for tools that inspect a heap another process may hold): None when it
+    is idle, ``(records pending, '')`` when an operation is in flight or was left by a dead
+    process, ``(-1, why)`` when its records fail their checks. O(records)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size & ~(F.PAGE - 1)
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    w = memoryview(mm).cast("Q")
+    try:
+        if not w[_J_STATE]:
+            return None
+        return len(pending_records(w, len(w))), ""
+    except DamagedJournalError as e:
+        return -1, str(e)
+    finally:
+        w.release()
+        mm.close()
+
+
+def discard(fd: int) -> None:
+    """Mark the journal of the heap file open as ``fd`` idle *without* restoring its records:
+    for records that fail their checks, which restoring could turn into garbage in live blocks.
+    The operation they describe stays half done; the caller (``pheap repair``) holds the heap
+    lock and rebuilds the indexes from the boundary tags next. Durable (fsync) on return."""
+    os.pwrite(fd, (0).to_bytes(F.WORD, "little"), _J_STATE * F.WORD)
+    os.fsync(fd)
+
+
 # ---------------------------------------------------------------------------------------------
 # The journal of one mapped heap
 # ---------------------------------------------------------------------------------------------
