@@ -1594,7 +1594,7 @@ class SharedList(SharedObject, MutableSequence[Any]):
         st = self._st
         return list(_read(st, _list_values, st, self))
 
-    def index(self, v: Any, start: int = 0, stop: int | None = None) -> int:
+    def index(self, v: Any, start: int = 0, stop: int | None = None, /) -> int:
         values = self.copy()
         return values.index(v, start, len(values) if stop is None else stop)
 
@@ -1693,6 +1693,8 @@ class SharedList(SharedObject, MutableSequence[Any]):
 
     def pop(self, i: int = -1) -> Any:
         i = _index(i)
+        if not -_SSIZE_MAX - 1 <= i <= _SSIZE_MAX:  # as list.pop
+            raise OverflowError("Python int too large to convert to C ssize_t")
         r = self._op(_pop, i)
         return r
 
@@ -1709,6 +1711,9 @@ class SharedList(SharedObject, MutableSequence[Any]):
 
     def clear(self) -> None:
         self._op(_list_assign, lambda vals: vals.clear())
+
+
+_SSIZE_MAX: Final = (1 << 63) - 1  #: list indices beyond this overflow, as list's do
 
 
 def _index(i: Any) -> int:

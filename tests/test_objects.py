@@ -2642,3 +2642,15 @@ def test_dict_views_are_reversible_and_name_their_mapping(ah):
         assert view.mapping["b"] == 2
         with pytest.raises(TypeError):
             view.mapping["b"] = 5  # read-only, as dict's
+
+
+def test_list_index_and_pop_take_arguments_as_list_does(ah):
+    lst, plain = ah.list([1, 5, 5]), [1, 5, 5]
+    assert lst.index(5, 2) == plain.index(5, 2) == 2
+    for call in (lambda x: x.index(5, start=1), lambda x: x.pop(10**30)):
+        with pytest.raises(Exception) as shared:
+            call(lst)
+        with pytest.raises(Exception) as builtin:
+            call(plain)
+        assert type(shared.value) is type(builtin.value), (shared.value, builtin.value)
+    assert lst == plain
