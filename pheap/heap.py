@@ -800,9 +800,11 @@ class _Hold:
                             core.tx_log_want = max(core.tx_log_want * 2, TX_LOG_SIZE,
                                                    ev.needed if ev.needed <= core._cap else 0)
                     # Object operations inside the bracket freed nothing (the bracket was
-                    # open): free what it left without references now, as after an operation.
+                    # open): free what it left without references now, as after an operation
+                    # -- from a with-statement's exit only (not from __del__ or a failed entry).
                     st = core.objects
-                    if st is not None and (st.to_bury or core._w[_H_OBJ_GRAVE]):
+                    if st is not None and (commit or ev is not None) and \
+                            (st.to_bury or core._w[_H_OBJ_GRAVE]):
                         try:
                             core.after_op(core)
                         except Exception:
