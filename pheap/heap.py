@@ -385,6 +385,14 @@ class Core(Allocator):
                                        f"{len(_OP_MODES) - 1} times over, each time with one "
                                        f"four times larger (last {self.tx_log_want} bytes)")
 
+    def after_undo(self) -> None:
+        """After any undo: refresh the mapping and entries; objects made in what was undone
+        lose their handles in this process (:func:`pheap.objects._after_undo`)."""
+        super().after_undo()
+        st = self.objects
+        if st is not None and st.made:
+            _objects._after_undo(self)
+
     def finish_undo(self) -> None:
         """Finish a rollback an interrupt cut off; the version counter, left odd by it, goes on
         to even (unless an object call of this thread is still running: it does that)."""
@@ -484,6 +492,9 @@ class Core(Allocator):
             if not commit:
                 self.pending.clear()
                 self.after_undo()
+            st = self.objects
+            if st is not None and st.made:
+                st.made.clear()  # (nothing made in the bracket can be undone any more)
         w = self._w
         s = w[_H_OBJ_SEQ]
         if s & 1:
@@ -1394,7 +1405,8 @@ class Heap:
 
     def gc(self, dry_run: bool = False) -> Any:
         """Free the shared objects nothing reaches (left by a process that died holding
-        handles); return counts. ``dry_run`` only counts. O(allocations)."""
+        handles, or by a Ctrl-C that cut a handle's finalizer short); return counts.
+        ``dry_run`` only counts. O(allocations)."""
         return _objects.gc(self, dry_run)
 
     # -- entries -------------------------------------------------------------------------------
@@ -1435,7 +1447,8 @@ class Heap:
         ``progress(fraction)`` is called now and then on large heaps.
 
         Returns None, or -- when shared objects are unreachable (left by a process that died
-        holding handles; ``heap.gc()`` reclaims them) -- a report naming them.
+        holding handles, or by a Ctrl-C that cut a handle's finalizer short; ``heap.gc()``
+        reclaims them) -- a report naming them.
         """
         c = self._live_core()
         return c.run(self._check, c, progress)  # type: ignore[no-any-return]

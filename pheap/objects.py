@@ -163,6 +163,8 @@ REAP_STEP: Final = 16  #: cells a graveyard step frees at most (bounded journal 
 #: that still outgrows the operation journal is undone and tried again with half as many)
 REAP_STEPS: Final = 4  #: graveyard steps after every operation, besides one per object it buried
 REAP_STEPS_MAX: Final = 64  #: most graveyard steps after one operation (a bounded pause)
+SWEEP_FLOATING: Final = 256  #: floating objects of a process before it first looks for ones
+#: whose finalizer an interrupt cut short (then again each time their number doubles)
 QUEUE_POLL_MIN: Final = 0.0002  #: first sleep of a waiting get/put, s
 QUEUE_POLL_MAX: Final = 0.005  #: longest sleep between looks (a waiter wakes within it), s
 
@@ -206,8 +208,9 @@ class _Torn(Exception):
 class _State:
     """The object layer's state for one core (one mapped heap in this process)."""
 
-    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "buried", "pid", "heaps",
-                 "lock", "keys", "bkeys", "deref", "views", "view_off", "__weakref__")
+    __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "buried", "made",
+                 "sweep_at", "pid", "heaps", "lock", "keys", "bkeys", "deref", "views",
+                 "view_off", "__weakref__")
 
     def live_heap(self) -> Heap:
         """An open Heap handle of this heap (object handles outlive the one that made them);
@@ -237,6 +240,10 @@ class _State:
         #: objects this process put in the graveyard since it last freed some: the next
         #: operation frees that many steps more (pay as you go: the graveyard keeps up)
         self.buried = 0
+        #: (offset, serial) of the objects made in the open bracket or operation: an undo
+        #: takes them away, and their handles here must die with them (see _after_undo)
+        self.made: list[tuple[int, int]] = []
+        self.sweep_at = SWEEP_FLOATING  #: floating objects at which to look for lost finalizers
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.keys: dict[str, tuple[int, int | None, bytes | None]] = {}  # str keys' parts
@@ -263,6 +270,7 @@ def _state(heap: Heap | None, core: Core | None = None) -> _State:
         st.pid = os.getpid()
         st.floating = {}
         st.to_bury = []
+        st.made = []
         st.lock = threading.Lock()
     if heap is not None:
         st.heaps.add(heap)
@@ -277,6 +285,7 @@ def after_fork(core: Core) -> None:
         st.pid = os.getpid()
         st.floating = {}
         st.to_bury = []
+        st.made = []
         st.lock = threading.Lock()
 
 
@@ -295,11 +304,9 @@ def before_close(core: Core) -> None:
     try:
         w = core._w
         for off in list(st.floating) + st.to_bury:
-            o = off >> 3
-            kind = _kind_at(w, o)
-            if kind == ARRAY and _kept_here(st, off):
+            if _kind_at(w, off >> 3) == ARRAY and _kept_here(st, off):
                 continue  # a numpy array or memoryview of it may outlive the handle: kept
-            if kind and w[o + O_SERIAL] and not w[o + O_REFS] and w[o + O_FLOAT] == st.pid:
+            if _floats_here(st, off):
                 core._seq_call(core._bracket, (_bury_one, st, off))
         st.floating.clear()
         st.to_bury.clear()
@@ -456,7 +463,9 @@ def _new_obj(st: _State, kind: int, nwords: int, refs: int = 0) -> int:
     p = core.jmalloc(nwords * 8)
     w = core._w
     serial = w[F.H_OBJ_SERIAL] + 1
-    core._j.set(F.H_OBJ_SERIAL, serial)
+    w[F.H_OBJ_SERIAL] = serial  # unlogged: serials only move on, so an undo never hands one out
+    # twice (a handle of an undone object, here or in a reader elsewhere, never matches again)
+    st.made.append((p, serial))
     head = w[F.H_OBJ_ALL]
     data = bytearray(nwords * 8)
     for i, v in ((O_KIND, MAGIC | kind), (O_SERIAL, serial), (O_REFS, refs),
@@ -539,6 +548,52 @@ def _watch_float(st: _State, h: SharedObject) -> None:
     if off in st.floating:
         return
     st.floating[off] = weakref.finalize(h, _dropped, st, off)
+    if len(st.floating) >= st.sweep_at:
+        _sweep_floating(st)
+
+
+def _sweep_floating(st: _State) -> None:
+    """Queue for burial the floating objects whose finalizer ran but was cut short before it
+    queued them (a Ctrl-C landing inside it): their handles are gone, so nothing else would
+    until gc(). O(floating objects); run each time their number doubles."""
+    for off, fin in list(st.floating.items()):
+        if fin is not None and not fin.alive and off not in st.to_bury:
+            st.to_bury.append(off)
+    st.sweep_at = max(SWEEP_FLOATING, 2 * len(st.floating))
+
+
+def _after_undo(core: Core) -> None:
+    """After an undo (of a bracket, an operation or part of one): the objects made in what was
+    undone are gone, so their handles in this process die with them -- a use raises
+    ReferenceError -- and nothing here waits to bury them. O(objects made since the bracket
+    began)."""
+    st = core.objects
+    if st is None or not st.made:
+        return
+    w = core._w
+    keep = []
+    for off, serial in st.made:
+        o = off >> 3
+        try:
+            alive = core.live_size(off) > 0 and w[o + O_SERIAL] == serial and _kind_at(w, o)
+        except (PheapError, IndexError):
+            alive = False
+        if alive:
+            keep.append((off, serial))
+            continue
+        h = st.handles.get(off)
+        if h is not None and h._serial == serial:
+            h._serial = -1  # (never a serial: every use of this handle raises ReferenceError)
+            del st.handles[off]
+            h = None
+        if h is None:  # no live object of this process is at off: nothing floats there
+            fin = st.floating.pop(off, None)
+            if fin is not None:
+                fin.detach()
+            st.views.pop(off, None)
+            while off in st.to_bury:
+                st.to_bury.remove(off)
+    st.made = keep
 
 
 def reap(st: _State, steps: int = 1 << 62) -> int:
@@ -572,13 +627,20 @@ def _bury_dropped(st: _State) -> None:
             continue
         if _views_alive(st, off):  # another view of the array still lives: its finalizer
             continue
-        w = core._w
-        o = off >> 3
-        try:
-            if _kind_at(w, o) and w[o + O_REFS] == 0 and w[o + O_FLOAT] == st.pid:
-                core._bracket(_bury_one, st, off)
-        except IndexError:
-            pass
+        if _floats_here(st, off):
+            core._bracket(_bury_one, st, off)
+
+
+def _floats_here(st: _State, off: int) -> bool:
+    """Whether ``off`` is a live object without references that floats for this process."""
+    core = st.core
+    w = core._w
+    o = off >> 3
+    try:
+        return bool(_kind_at(w, o) and w[o + O_SERIAL] and w[o + O_REFS] == 0 and
+                    w[o + O_FLOAT] == st.pid and core.live_size(off))  # (still an allocation)
+    except (IndexError, InvalidPointerError):
+        return False
 
 
 def _bury_one(st: _State, off: int) -> None:
@@ -2545,7 +2607,8 @@ class CheckReport(dict):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         return (f"CheckReport(objects={self['objects']}, unreachable={self['unreachable']} -- "
-                "left by a process that died holding handles; heap.gc() frees them)")
+                "left by a process that died holding handles, or by a Ctrl-C that cut a handle's "
+                "finalizer short; heap.gc() frees them)")
 
 
 def check(core: Core) -> CheckReport | None:

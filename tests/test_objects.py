@@ -2654,3 +2654,96 @@ def test_list_index_and_pop_take_arguments_as_list_does(ah):
             call(plain)
         assert type(shared.value) is type(builtin.value), (shared.value, builtin.value)
     assert lst == plain
+
+
+# -- objects made in a bracket that is undone (found from outside) ---------------------------
+
+
+@pytest.mark.parametrize("mode", ["atomic", "transaction"])
+def test_a_handle_of_an_object_made_in_an_undone_bracket_dies_with_it(tmp_path, mode):
+    path = str(tmp_path / "undone.heap")
+    with pheap.open(path, "n") as h:
+        h.root["a"] = 0
+        items = h.root.setdefault("items", {})
+        with pytest.raises(RuntimeError):
+            with getattr(h, mode)():
+                x = h.list([1, 2])
+                items["stored"] = h.dict(k=[3])  # stored, its handle gone at once
+                raise RuntimeError("undo")
+        with pytest.raises(ReferenceError):
+            x.append(5)  # the undo took it away: not a list in freed memory
+        del x
+        items["b"] = 1  # (burying the dropped handle's object would have buried garbage)
+        y = h.list()  # made where x was, maybe: a new serial, a new handle
+        assert type(y) is pheap.SharedList and y == []
+        assert items == {"b": 1}
+        assert h.check() is None
+        assert h.gc(dry_run=True)["unreachable"] == 0
+        del y
+    with pheap.open(path) as h:  # closing buried nothing that was not an object
+        h.root["c"] = 1
+        assert h.check() is None
+        assert h.gc()["freed"] == 0
+
+
+def test_serials_are_never_handed_out_twice(ah):
+    """The root made after an undone bracket may take the offset of an object made in it; its
+    serial differs, so the stale handle is never taken for the root."""
+    with pytest.raises(RuntimeError):
+        with ah.transaction():
+            x = ah.list()
+            raise RuntimeError("undo")
+    assert type(ah.root) is pheap.SharedDict
+    ah.root["b"] = 1
+    assert ah.root == {"b": 1}
+    with pytest.raises(ReferenceError):
+        len(x)
+
+
+def test_objects_made_in_brackets_undone_by_a_full_journal_leave_nothing(ah):
+    """atomic() brackets that outgrow the operation journal are undone: what they made goes,
+    handles and all, and the heap stays sound and without leaks."""
+    items = ah.root.setdefault("items", {})
+    full = 0
+    for i in range(60):
+        try:
+            with ah.atomic():
+                lst = ah.list()
+                for k in range(i):
+                    lst.append(ah.dict(n=[k, "x" * 30]))
+                items[i % 7] = lst
+        except pheap.JournalFullError:
+            full += 1
+        lst = None
+    assert full > 0
+    items.clear()
+    for _ in range(20):
+        ah.root["tick"] = 1
+    assert ah.check() is None
+    assert ah.gc(dry_run=True)["objects"] == 2  # the root and items
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_objects_whose_finalizer_was_cut_short_are_found_again(ah, monkeypatch):
+    """A Ctrl-C inside a handle's finalizer loses the note that it went; once the process has
+    many floating objects it looks for such finalizers and buries their objects."""
+    real = pobjects._dropped
+
+    def interrupted(st, off):
+        raise KeyboardInterrupt  # as if Ctrl-C landed before the finalizer queued it
+
+    monkeypatch.setattr(pobjects, "_dropped", interrupted)
+    lost = [ah.list([i]) for i in range(10)]
+    del lost
+    pygc.collect()
+    monkeypatch.setattr(pobjects, "_dropped", real)
+    assert ah.gc(dry_run=True)["objects"] >= 10  # still floating for this live process
+    kept = [ah.list() for _ in range(pobjects.SWEEP_FLOATING)]  # the sweep runs
+    ah.root["x"] = 1  # the next operation buries what it found
+    for _ in range(10):
+        ah.root["x"] = 1
+    del kept
+    pygc.collect()
+    for _ in range(100):
+        ah.root["x"] = 1
+    assert ah.gc(dry_run=True)["objects"] == 1  # the root alone: nothing was left for gc()
