@@ -55,6 +55,8 @@ from .region import Region, allocate
 
 DEFAULT_SIZE: Final = 1 << 20  #: initial capacity of a new heap, bytes (it grows on demand)
 TX_LOG_SIZE: Final = 256 * 1024  #: undo log a transaction starts with, bytes (grows after overflow)
+TX_LOG_KEEP: Final = 16 * TX_LOG_SIZE  #: a log grown past this for one object operation is
+#: given back after it (to TX_LOG_SIZE): one huge assignment does not pin its log for good
 FILE_MODE: Final = 0o600  #: permissions of new heap files: owner only
 
 _get_ident = threading.get_ident
@@ -377,6 +379,9 @@ class Core(Allocator):
             self._obj_depth = 0
             self.own_bracket = False
             self.close_bracket(True)
+            if mode == J.TX and self.tx_log_want > TX_LOG_KEEP:
+                self.tx_log_want = TX_LOG_SIZE
+                self._ensure_txlog(TX_LOG_SIZE, shrink=True)
             st = self.objects
             if st is not None and (st.to_bury or self._w[_H_OBJ_GRAVE]):
                 self.after_op(self)
@@ -504,8 +509,9 @@ class Core(Allocator):
         if self._fast_ok and self.lock.owner == _get_ident():
             self.fast = self.lock.owner
 
-    def _ensure_txlog(self, nbytes: int) -> None:
-        """Make the transaction log block at least ``nbytes`` long (one atomic operation)."""
+    def _ensure_txlog(self, nbytes: int, shrink: bool = False) -> None:
+        """Make the transaction log block at least ``nbytes`` long (one atomic operation);
+        ``shrink``: also replace one more than TX_LOG_KEEP long by one of ``nbytes``."""
         w = self._w
         cur = w[F.H_TXLOG]
         if cur:
@@ -514,7 +520,8 @@ class Core(Allocator):
             except InvalidPointerError as e:
                 raise CorruptHeapError(f"{F.at('txlog')}: {cur} is not a live block "
                                        f"({e})") from None
-            if (w[b >> 3] & F.SIZE_MASK) - 8 >= nbytes:
+            have = (w[b >> 3] & F.SIZE_MASK) - 8
+            if have >= nbytes and not (shrink and have > TX_LOG_KEEP):
                 return
 
         def swap() -> None:

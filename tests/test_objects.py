@@ -2747,3 +2747,19 @@ def test_objects_whose_finalizer_was_cut_short_are_found_again(ah, monkeypatch):
     for _ in range(100):
         ah.root["x"] = 1
     assert ah.gc(dry_run=True)["objects"] == 1  # the root alone: nothing was left for gc()
+
+
+def test_a_log_grown_for_one_huge_operation_is_given_back():
+    """One assignment of 100,000 new lists needs a transaction log of tens of MiB; the heap
+    does not keep it afterwards."""
+    with pheap.memfd() as h:
+        h.root["t"] = 0
+        base = h.stats().used_bytes
+        h.root["big"] = [[i] for i in range(100_000)]
+        assert len(h.root["big"]) == 100_000
+        del h.root["big"]
+        for _ in range(100):
+            h.root["t"] = 1
+        h.gc()
+        assert h.stats().used_bytes <= base + pheap.heap.TX_LOG_SIZE + 4096
+        assert h.check() is None
