@@ -1247,7 +1247,8 @@ class Heap:
         Every malloc/calloc/realloc/free/memalign, every :meth:`write`, and every range passed
         to ``tx.add_range(off, n)`` before changing it through a view is undone when the block
         raises, and by the next opener when the process dies inside it. A normal exit commits
-        with one word. Blocks allocated by an aborted transaction are free again, never leaked.
+        with one word. Blocks allocated by an aborted transaction are free again, never leaked;
+        shared objects made in it are gone too, and their handles raise ReferenceError.
         The heap lock is held throughout; nested transactions join the outer one.
 
         ``log_size`` (bytes) sizes the undo log; the default starts at 256 KiB and grows after
