@@ -191,6 +191,9 @@ class Allocator:
         self._r = region
         self._j = jrnl
         self.pending: list[tuple[int, int]] = []  #: page releases queued until commit
+        #: undos begun in this process (counted before each starts: the object layer compares
+        #: it with the undos it has caught up with, even when an interrupt cut one short)
+        self.undos = 0
         self._grown_zero_from = 0  # zero_from the last growth needed (calloc reads it)
         self._adopt()
         self._gen = self._w[H_GENERATION]
@@ -248,6 +251,7 @@ class Allocator:
         try:
             r = fn(*args)
         except BaseException:
+            self.undos += 1
             # While the undo runs, no fast path may store a word it is about to restore; if
             # the undo itself is interrupted, the fast paths stay off until the next acquisition
             # and the next operation finishes it (j_state in the mapping says it is pending).
@@ -266,6 +270,7 @@ class Allocator:
 
     def finish_undo(self) -> None:
         """Undo what the journal says is pending (a rollback an exception cut short)."""
+        self.undos += 1
         self.fast = 0
         journal.undo(self._w, len(self._w))
         self.pending.clear()

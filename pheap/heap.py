@@ -264,6 +264,7 @@ class Core(Allocator):
                 "damaged, and undoing it could change committed data (pheap repair discards "
                 "it)")
         if w[F.J_STATE]:
+            self.undos += 1  # (objects this process made in it are forgotten: pheap.objects)
             # Records may name words past the capacity the header shows now (a growth whose
             # capacity word an earlier, interrupted recovery already put back): map the whole
             # file so that every record can be checked and restored again.
@@ -394,8 +395,7 @@ class Core(Allocator):
         """After any undo: refresh the mapping and entries; objects made in what was undone
         lose their handles in this process (:func:`pheap.objects._after_undo`)."""
         super().after_undo()
-        st = self.objects
-        if st is not None and st.made:
+        if self.objects is not None:
             _objects._after_undo(self)
 
     def finish_undo(self) -> None:
@@ -467,6 +467,10 @@ class Core(Allocator):
             return False
         if j.mode:
             raise TransactionStateError("a bracket opened inside an allocator operation")
+        st = self.objects
+        if st is not None and (st.made or st.seen_undos != self.undos):
+            _objects._after_undo(self)  # (left by an undo an interrupt cut short: finish it)
+            st.made.clear()
         if mode == J.TX:
             self._ensure_txlog(max(log_size, self.tx_log_want))
         if self.pending:
@@ -491,15 +495,20 @@ class Core(Allocator):
         had not finished (nor one it undid) for a clean one. If the undo is cut off, the counter
         stays odd until recovery finishes it (readers take the lock meanwhile)."""
         self.own_bracket = False
+        if not commit:
+            self.undos += 1
         try:
             self._j.close_bracket(commit, durable)
         finally:
             if not commit:
                 self.pending.clear()
-                self.after_undo()
-            st = self.objects
-            if st is not None and st.made:
-                st.made.clear()  # (nothing made in the bracket can be undone any more)
+                self.after_undo()  # (the objects it made lose their handles here)
+            elif not self._w[_J_STATE]:  # committed (not cut short before its commit word)
+                st = self.objects
+                if st is not None and st.made:
+                    if st.seen_undos != self.undos:  # an undo inside it was cut short
+                        _objects._after_undo(self)
+                    st.made.clear()  # (nothing made in the bracket can be undone any more)
         w = self._w
         s = w[_H_OBJ_SEQ]
         if s & 1:
@@ -1249,7 +1258,8 @@ class Heap:
         raises, and by the next opener when the process dies inside it. A normal exit commits
         with one word. Blocks allocated by an aborted transaction are free again, never leaked;
         shared objects made in it are gone too, and their handles raise ReferenceError.
-        The heap lock is held throughout; nested transactions join the outer one.
+        The heap lock is held throughout; nested transactions join the outer one (an exception
+        caught inside the outer block undoes nothing by itself: the outer block's end decides).
 
         ``log_size`` (bytes) sizes the undo log; the default starts at 256 KiB and grows after
         a transaction overflows it (that one raises TransactionTooLargeError, rolled back).

@@ -209,8 +209,8 @@ class _State:
     """The object layer's state for one core (one mapped heap in this process)."""
 
     __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "buried", "made",
-                 "sweep_at", "pid", "heaps", "lock", "keys", "bkeys", "deref", "views",
-                 "view_off", "__weakref__")
+                 "seen_undos", "sweep_at", "pid", "heaps", "lock", "keys", "bkeys", "deref",
+                 "views", "view_off", "__weakref__")
 
     def live_heap(self) -> Heap:
         """An open Heap handle of this heap (object handles outlive the one that made them);
@@ -243,6 +243,7 @@ class _State:
         #: (offset, serial) of the objects made in the open bracket or operation: an undo
         #: takes them away, and their handles here must die with them (see _after_undo)
         self.made: list[tuple[int, int]] = []
+        self.seen_undos = core.undos  #: the core's undos this state has caught up with
         self.sweep_at = SWEEP_FLOATING  #: floating objects at which to look for lost finalizers
         self.pid = os.getpid()
         self.lock = threading.Lock()
@@ -568,7 +569,11 @@ def _after_undo(core: Core) -> None:
     ReferenceError -- and nothing here waits to bury them. O(objects made since the bracket
     began)."""
     st = core.objects
-    if st is None or not st.made:
+    if st is None:
+        return
+    n = core.undos
+    if not st.made:
+        st.seen_undos = n
         return
     w = core._w
     keep = []
@@ -594,6 +599,7 @@ def _after_undo(core: Core) -> None:
             while off in st.to_bury:
                 st.to_bury.remove(off)
     st.made = keep
+    st.seen_undos = n
 
 
 def reap(st: _State, steps: int = 1 << 62) -> int:
@@ -740,6 +746,8 @@ def _read(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
     core = st.core
     if core.closed:
         raise HeapClosedError("the heap is closed")
+    if st.seen_undos != core.undos:  # (see SharedObject._o)
+        core.run(_after_undo, core)
     if core.held == _get_ident() or not LOCK_FREE_READS:
         return core.run(fn, *args) if core.held != _get_ident() else fn(*args)
     for _ in range(READ_TRIES):
@@ -797,7 +805,11 @@ class SharedObject:
 
     def _o(self) -> int:
         """The object's word index, after checking it is still this object. O(1)."""
-        w = self._st.core._w
+        st = self._st
+        core = st.core
+        if st.seen_undos != core.undos:  # an undo whose objects this process has not yet
+            core.run(_after_undo, core)  # forgotten (an interrupt cut it short): first that
+        w = core._w
         o = self._off >> 3
         if w[o] != MAGIC | self._kind or w[o + O_SERIAL] != self._serial:
             raise ReferenceError(f"the shared {KINDS[self._kind]} at offset {self._off} was "
@@ -859,8 +871,12 @@ class SharedObject:
 
 
 def _reattach(heap: Heap, off: int, serial: int, kind: int) -> SharedObject:
+    """The handle an unpickled one stands for: the object must still be there -- a live
+    allocation (an undone bracket may have taken it away, leaving its bytes) with that kind and
+    serial. Under the lock, so that no bracket is half done meanwhile."""
     st = _state(heap)
-    h = _handle(st, off)
+    core = st.core
+    h = core.run(_reattach_locked, st, off)
     if not isinstance(h, SharedObject) or h._serial != serial or h._kind != kind:
         raise ReferenceError(f"the shared {KINDS.get(kind, 'object')} at offset {off} was freed "
                              "before this handle arrived")
@@ -872,6 +888,15 @@ def _reattach(heap: Heap, off: int, serial: int, kind: int) -> SharedObject:
 # ---------------------------------------------------------------------------------------------
 # dict
 # ---------------------------------------------------------------------------------------------
+
+
+def _reattach_locked(st: _State, off: int) -> Any:
+    try:
+        if not _kind_at(st.core._w, off >> 3) or not st.core.live_size(off):
+            return None
+    except (IndexError, InvalidPointerError, TypeError):
+        return None
+    return _handle(st, off)
 
 
 def _table_for(n: int) -> int:

@@ -2763,3 +2763,47 @@ def test_a_log_grown_for_one_huge_operation_is_given_back():
         h.gc()
         assert h.stats().used_bytes <= base + pheap.heap.TX_LOG_SIZE + 4096
         assert h.check() is None
+
+
+@pytest.mark.parametrize("mode", ["atomic", "transaction"])
+def test_an_unpickled_handle_of_an_undone_object_is_refused(tmp_path, mode):
+    with pheap.open(str(tmp_path / "pickled.heap"), "n") as h:
+        with pytest.raises(RuntimeError):
+            with getattr(h, mode)():
+                c, d = h.counter(5), h.dict(a=1)
+                h.root["c"], h.root["d"] = c, d
+                blobs = pickle.dumps(c), pickle.dumps(d)
+                raise RuntimeError("undo")
+        for blob in blobs:  # the bytes of the freed objects are still there, unreused
+            with pytest.raises(ReferenceError):
+                pickle.loads(blob)
+        assert h.root == {} and h.check() is None
+
+
+@pytest.mark.parametrize("mode", ["atomic", "transaction"])
+def test_a_commit_cut_short_by_ctrl_c_forgets_what_the_bracket_made(ah, monkeypatch, mode):
+    """Ctrl-C before the commit word: the bracket is undone (by the next acquisition), and the
+    handles of the objects it made die with them -- though the with-block was leaving to
+    commit."""
+    real = journal.Journal._commit_word
+
+    def cut_short(self):
+        raise KeyboardInterrupt
+
+    ah.root["o"] = {}  # (made before: what is made next takes fresh memory)
+    monkeypatch.setattr(journal.Journal, "_commit_word", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        with getattr(ah, mode)():
+            x = ah.list([1, 2, 3])
+            ah.root["o"]["x"] = x
+    monkeypatch.setattr(journal.Journal, "_commit_word", real)
+    assert ah.root["o"] == {}  # undone
+    with pytest.raises(ReferenceError):
+        len(x)
+    with pytest.raises(ReferenceError):
+        x.append(4)
+    y = ah.list([7])
+    ah.root["y"] = y
+    assert ah.root == {"o": {}, "y": [7]} and ah.check() is None
+    del x, y
+    assert ah.gc(dry_run=True)["unreachable"] == 0
