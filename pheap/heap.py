@@ -882,7 +882,9 @@ class _SessionContext:
         g = _holds.pop() if _holds else _Hold()
         g.core, g.session, g.tid, g.mode, g.durable = core, None, me, self._mode, self._durable
         g.depth0 = lk.depth if lk.owner == me else 0
-        g.mode0 = core._j.mode
+        # A bracket open now is this thread's only if it holds the lock (another thread's is
+        # closed by the time this one has the lock).
+        g.mode0 = core._j.mode if lk.owner == me else 0
         g.live = True
         self._hold = g
         try:
@@ -1257,7 +1259,8 @@ class Heap:
         to ``tx.add_range(off, n)`` before changing it through a view is undone when the block
         raises, and by the next opener when the process dies inside it. A normal exit commits
         with one word. Blocks allocated by an aborted transaction are free again, never leaked;
-        shared objects made in it are gone too, and their handles raise ReferenceError.
+        shared objects made in it are gone too, and their handles raise ReferenceError (a numpy
+        array or buffer made in it is bare memory, given back: do not use it after the undo).
         The heap lock is held throughout; nested transactions join the outer one (an exception
         caught inside the outer block undoes nothing by itself: the outer block's end decides).
 
@@ -1413,7 +1416,9 @@ class Heap:
 
     def ndarray(self, shape: Any, dtype: Any = "float64") -> Any:
         """A zeroed numpy array whose memory is in the heap (needs numpy: ``pheap[numpy]``):
-        the same memory, not a copy, in every process that gets it from a container."""
+        the same memory, not a copy, in every process that gets it from a container. ``shape``
+        is an int or a sequence of ints (numpy integers too). One made inside a bracket that is
+        undone points at memory the undo gave back: drop it."""
         return _objects.new_ndarray(self, shape, dtype)
 
     def buffer(self, n: int) -> memoryview:

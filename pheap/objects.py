@@ -209,8 +209,8 @@ class _State:
     """The object layer's state for one core (one mapped heap in this process)."""
 
     __slots__ = ("core", "hasher", "handles", "floating", "to_bury", "buried", "made",
-                 "seen_undos", "sweep_at", "pid", "heaps", "lock", "keys", "bkeys", "deref",
-                 "views", "view_off", "__weakref__")
+                 "unsure", "seen_undos", "sweep_at", "pid", "heaps", "lock", "keys", "bkeys",
+                 "deref", "views", "view_off", "__weakref__")
 
     def live_heap(self) -> Heap:
         """An open Heap handle of this heap (object handles outlive the one that made them);
@@ -244,6 +244,10 @@ class _State:
         #: takes them away, and their handles here must die with them (see _after_undo)
         self.made: list[tuple[int, int]] = []
         self.seen_undos = core.undos  #: the core's undos this state has caught up with
+        #: in a forked child: objects the parent had made in a bracket still open at the fork
+        #: (the parent may undo it): each handle checks, once, under the lock, that its object
+        #: is still there (see SharedObject._o)
+        self.unsure: set[int] = set()
         self.sweep_at = SWEEP_FLOATING  #: floating objects at which to look for lost finalizers
         self.pid = os.getpid()
         self.lock = threading.Lock()
@@ -271,6 +275,7 @@ def _state(heap: Heap | None, core: Core | None = None) -> _State:
         st.pid = os.getpid()
         st.floating = {}
         st.to_bury = []
+        st.unsure = {off for off, _ in st.made}
         st.made = []
         st.lock = threading.Lock()
     if heap is not None:
@@ -286,6 +291,7 @@ def after_fork(core: Core) -> None:
         st.pid = os.getpid()
         st.floating = {}
         st.to_bury = []
+        st.unsure = {off for off, _ in st.made}  # (the parent's bracket may be undone)
         st.made = []
         st.lock = threading.Lock()
 
@@ -809,6 +815,8 @@ class SharedObject:
         core = st.core
         if st.seen_undos != core.undos:  # an undo whose objects this process has not yet
             core.run(_after_undo, core)  # forgotten (an interrupt cut it short): first that
+        if st.unsure and self._off in st.unsure:
+            core.run(_settle, st, self)
         w = core._w
         o = self._off >> 3
         if w[o] != MAGIC | self._kind or w[o + O_SERIAL] != self._serial:
@@ -888,6 +896,25 @@ def _reattach(heap: Heap, off: int, serial: int, kind: int) -> SharedObject:
 # ---------------------------------------------------------------------------------------------
 # dict
 # ---------------------------------------------------------------------------------------------
+
+
+def _settle(st: _State, h: SharedObject) -> None:
+    """In a forked child, under the lock: whether the object ``h`` names, made in a bracket
+    its parent had open at the fork, is still there (the bracket committed) or was undone (the
+    handle dies). Once per such handle."""
+    off = h._off
+    st.unsure.discard(off)
+    core = st.core
+    w = core._w
+    o = off >> 3
+    try:
+        alive = bool(core.live_size(off) and w[o + O_SERIAL] == h._serial and _kind_at(w, o))
+    except (PheapError, IndexError):
+        alive = False
+    if not alive:
+        h._serial = -1  # (every use raises ReferenceError)
+        if st.handles.get(off) is h:
+            del st.handles[off]
 
 
 def _reattach_locked(st: _State, off: int) -> Any:
@@ -2359,10 +2386,18 @@ def new_ndarray(heap: Heap, shape: Any, dtype: Any = "float64") -> Any:
     dt = np.dtype(dtype)
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
         raise TypeError(f"heap.ndarray() takes plain numeric dtypes, not {dt}")
-    shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+    if hasattr(shape, "__index__"):  # an int, a numpy integer (as numpy takes them)
+        shape = (shape.__index__(),)
+    else:  # floats are refused, as numpy refuses them
+        shape = tuple(n.__index__() if hasattr(n, "__index__") else _bad_dim(n) for n in shape)
     st = _state(heap)
     off = st.core.op(lambda: _array_new(st, shape, dt.str, dt.itemsize))
     return _array_view(st, off)
+
+
+def _bad_dim(n: Any) -> int:
+    raise TypeError(f"'{type(n).__name__}' object cannot be interpreted as an integer "
+                    "(an array dimension)")
 
 
 def new_buffer(heap: Heap, n: int) -> memoryview:

@@ -2807,3 +2807,82 @@ def test_a_commit_cut_short_by_ctrl_c_forgets_what_the_bracket_made(ah, monkeypa
     assert ah.root == {"o": {}, "y": [7]} and ah.check() is None
     del x, y
     assert ah.gc(dry_run=True)["unreachable"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("end", ["undo", "commit"])
+def test_a_thread_waiting_for_another_threads_bracket_runs_its_own(tmp_path, end):
+    """Thread B enters a transaction while thread A is inside one: B waits for the lock, then
+    its bracket is its own -- undone or committed at its end (it was taken for A's and left
+    open, so an abort was kept and a commit lost)."""
+    import threading
+
+    with pheap.open(str(tmp_path / "threads.heap"), "n") as h:
+        c = h.root.setdefault("c", h.counter())
+        inside = threading.Event()
+
+        def a():
+            with h.transaction():
+                h.root["a"] = 1
+                inside.set()
+                time.sleep(0.3)
+
+        def b():
+            inside.wait(10)
+            try:
+                with h.transaction():
+                    c.add(5)
+                    h.root["b"] = "by B"
+                    if end == "undo":
+                        raise KeyError("abort")
+            except KeyError:
+                pass
+
+        ta, tb = threading.Thread(target=a), threading.Thread(target=b)
+        ta.start()
+        tb.start()
+        ta.join(30)
+        tb.join(30)
+        assert h._live_core()._j.mode == 0  # no bracket left open
+        expect = {"c": c, "a": 1} if end == "undo" else {"c": c, "a": 1, "b": "by B"}
+        assert c.value == (0 if end == "undo" else 5)
+        assert dict(h.root) == expect
+        assert h.check() is None
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_inside_a_bracket_its_parent_undoes_loses_the_objects(tmp_path):
+    with pheap.open(str(tmp_path / "forked.heap"), "n") as h:
+        h.root["keep"] = 1
+        r, w = os.pipe()
+        pid = 0
+        with pytest.raises(KeyError):
+            with h.transaction():
+                d = h.dict(secret=42)
+                pid = os.fork()
+                if pid == 0:  # the child: waits until the parent undid it
+                    code = 1
+                    try:
+                        os.read(r, 1)
+                        try:
+                            dict(d)
+                        except ReferenceError:
+                            try:
+                                d["evil"] = 1
+                            except ReferenceError:
+                                code = 0
+                    finally:
+                        os._exit(code)
+                raise KeyError("undo")
+        os.write(w, b"x")
+        assert reap(pid) == 0
+        assert h.root == {"keep": 1} and h.check() is None
+
+
+def test_ndarray_shapes_are_taken_as_numpy_takes_them(ah):
+    np = pytest.importorskip("numpy")
+    assert ah.ndarray(np.int64(3), "f8").shape == (3,)
+    assert ah.ndarray((np.int32(2), 3)).shape == (2, 3)
+    for bad in ((2.5,), 2.5, ("3",)):
+        with pytest.raises(TypeError):
+            ah.ndarray(bad, "f8")
