@@ -231,9 +231,12 @@ class HeapLock:
             delay = min(delay * 2, POLL_MAX)
 
     def _abandon(self) -> None:
-        """Give back whatever a failed or interrupted acquisition of this thread took."""
-        self.depth = 0
-        self.owner = 0
+        """Give back whatever a failed or interrupted acquisition of this thread took -- and
+        nothing else: a thread interrupted while it waits for the thread lock took nothing, and
+        the owner fields are another thread's then."""
+        if self.owner == _get_ident():
+            self.depth = 0
+            self.owner = 0
         self._heal()
 
     def _heal(self) -> None:

@@ -227,3 +227,42 @@ def test_read_only_first_then_read_write_in_one_process(tmp_path):
         assert r.read(r.root_offset, 8) == b"12345678"
     r.close()
     w.close()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_waiting_for_another_thread_leaves_its_hold_alone(tmp_path):
+    """A Ctrl-C landing in the main thread while it waits for the lock a second thread holds:
+    the wait ends, and the other thread still holds the lock (the interrupted wait cleared the
+    owner fields, and the holder's transaction then ran outside the lock)."""
+    h = pheap.open(str(tmp_path / "wait.heap"), "n")
+    lk = h._live_core().lock
+    holding, go_on = threading.Event(), threading.Event()
+    seen = {}
+
+    def holder():
+        with h.transaction():
+            holding.set()
+            go_on.wait(20)
+            seen["owner"] = lk.owner == threading.get_ident() and lk.depth == 1
+            seen["block"] = h.malloc(64)  # inside its transaction, under its lock
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert holding.wait(20)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            h.malloc(8)  # waits for the holder's lock
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        go_on.set()
+        t.join(30)
+    assert seen["owner"]
+    assert h.usable_size(seen["block"]) >= 64  # committed by the holder
+    h.check()
+    h.close()
