@@ -608,7 +608,8 @@ class Allocator:
 
     def jfree(self, p: int) -> None:
         """free inside an open bracket (see jmalloc): a slot whose word stays on its list and
-        whose run does not empty is one journaled store; anything else a nested operation."""
+        whose run does not empty is one journaled store; anything else a nested operation.
+        (The slot tests are free()'s fast path, inlined in both: keep them in step.)"""
         if type(p) is int and p > 0:
             try:
                 v = self._b[self._meta + (p >> 12)]

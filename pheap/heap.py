@@ -829,9 +829,7 @@ class _Hold:
                     # Object operations inside the bracket freed nothing (the bracket was
                     # open): free what it left without references now, as after an operation
                     # -- from a with-statement's exit only (not from __del__ or a failed entry).
-                    st = core.objects
-                    if st is not None and (commit or ev is not None) and \
-                            (st.to_bury or core._w[_H_OBJ_GRAVE]):
+                    if core.after_op is not None and (commit or ev is not None):
                         try:
                             core.after_op(core)
                         except Exception:

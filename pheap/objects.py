@@ -752,8 +752,6 @@ def _read(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
     core = st.core
     if core.closed:
         raise HeapClosedError("the heap is closed")
-    if st.seen_undos != core.undos:  # (see SharedObject._o)
-        core.run(_after_undo, core)
     if core.held == _get_ident() or not LOCK_FREE_READS:
         return core.run(fn, *args) if core.held != _get_ident() else fn(*args)
     for _ in range(READ_TRIES):
